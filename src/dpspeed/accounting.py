@@ -1,0 +1,76 @@
+"""Privacy accounting through Google's dp-accounting package: a history of Poisson-subsampled
+Gaussian steps, turned into (epsilon, delta) by its PLD or RDP accountant."""
+
+from __future__ import annotations
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+ACCOUNTANTS = ("pld", "rdp")
+
+
+def _fresh(kind: str) -> dp_accounting.PrivacyAccountant:
+    if kind == "pld":
+        return pld_privacy_accountant.PLDAccountant()
+    if kind == "rdp":
+        return rdp_privacy_accountant.RdpAccountant()
+    raise ValueError(f"unknown accountant {kind!r}; choose one of {ACCOUNTANTS}")
+
+
+def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """`steps` compositions of the Gaussian mechanism on a Poisson sample of rate `sample_rate`."""
+    step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+class Accountant:
+    """The steps actually taken, as [noise_multiplier, sample_rate, steps] runs."""
+
+    def __init__(self, kind: str = "pld"):
+        _fresh(kind)  # validates the name
+        self.kind = kind
+        self.history: list[list] = []
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
+            self.history[-1][2] += 1
+        else:
+            self.history.append([noise_multiplier, sample_rate, 1])
+
+    @property
+    def steps(self) -> int:
+        return sum(run[2] for run in self.history)
+
+    def get_epsilon(self, delta: float) -> float:
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        accountant = _fresh(self.kind)
+        for sigma, rate, steps in self.history:
+            accountant.compose(dp_event(sigma, rate, steps))
+        return float(accountant.get_epsilon(delta))
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "history": [list(run) for run in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kind = state["kind"]
+        self.history = [list(run) for run in state["history"]]
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "pld") -> float:
+    """The smallest noise multiplier that gives at most `target_epsilon` after `steps` steps."""
+    if target_epsilon <= 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"target_delta must be in (0, 1), got {delta}")
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: _fresh(kind),
+            lambda sigma: dp_event(sigma, sample_rate, steps),
+            target_epsilon,
+            delta,
+            bracket_interval=dp_accounting.LowerEndpointAndGuess(0.05, 1.0),
+            tol=1e-4,
+        )
+    )

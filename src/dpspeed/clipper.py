@@ -1,0 +1,133 @@
+"""From one recorded pass (inputs and output gradients of every handled module) to the sum of
+clipped per-example gradients: per-parameter squared norms, per-group factors, weighted sums."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .clipping import ClipFunction
+from .controller import Pass
+from .grouping import Grouping
+from .handlers import Handler
+from .layers.base import Call, to_acc, weighted_sum
+from .layers.functional import batch_size
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerMethod:
+    """How one handler contributes: its norms by the ghost trick or from explicit per-sample
+    gradients, and its clipped sum by reusing those gradients or by book-keeping (a^T diag(C) g)."""
+
+    ghost_norm: bool
+    reuse: bool
+
+
+EXPLICIT = LayerMethod(ghost_norm=False, reuse=True)
+MethodChooser = Callable[[Handler, list[Call]], LayerMethod]
+
+
+@dataclass
+class ClippedPass:
+    sums: dict[str, torch.Tensor]
+    examples: int
+    nonfinite: int
+
+
+def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
+    """The call with every tensor row of a dropped example set to zero."""
+    batch = keep.shape[0]
+
+    def mask(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == batch:
+            return torch.where(keep.view(-1, *[1] * (t.dim() - 1)), t, torch.zeros((), dtype=t.dtype, device=t.device))
+        return t
+
+    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), [mask(g) for g in call.output_grads], call.output_spec)
+
+
+def clip_pass(
+    recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser
+) -> ClippedPass:
+    """Clip each example of one pass per group and sum. With a mean-reduced loss the recorded
+    gradients carry a 1/batch factor, undone so each example's gradient is that of its own loss."""
+    calls = {h: [c for c in cs if c.has_grads] for h, cs in recorded.items()}
+    calls = {h: cs for h, cs in calls.items() if cs}
+    if not calls:
+        return ClippedPass({}, 0, 0)
+    users: dict[str, int] = {}
+    for handler in calls:
+        for name in handler.params.values():
+            users[name] = users.get(name, 0) + 1
+    batch = batch_size(next(iter(calls.values()))[0])
+    if batch == 0:
+        return ClippedPass({}, 0, 0)
+    loss_scale = float(batch) if loss_reduction == "mean" else 1.0
+
+    methods: dict[Handler, LayerMethod] = {}
+    for handler, cs in calls.items():
+        shared = len(cs) > 1 or any(users[n] > 1 for n in handler.params.values())
+        methods[handler] = EXPLICIT if shared else choose(handler, cs)
+
+    sq_norms: dict[str, torch.Tensor] = {}
+    explicit: dict[str, torch.Tensor] = {}
+
+    def add_norm(name: str, value: torch.Tensor) -> None:
+        sq_norms[name] = sq_norms[name] + value if name in sq_norms else value
+
+    for handler, cs in calls.items():
+        local = list(handler.params)
+        for call in cs:
+            if methods[handler].ghost_norm:
+                for n, v in handler.rule.ghost_sq_norms(handler.module, call, local).items():
+                    add_norm(handler.params[n], to_acc(v))
+                continue
+            for n, g in handler.rule.per_sample_grads(handler.module, call, local).items():
+                name = handler.params[n]
+                explicit[name] = explicit[name] + g if name in explicit else g
+    for name, g in explicit.items():
+        add_norm(name, to_acc(g).flatten(1).square().sum(1))
+
+    group_sq = torch.stack(
+        [sum((sq_norms[n] for n in names if n in sq_norms), torch.zeros(batch, device=_device(sq_norms)))
+         for names in grouping.groups]
+    )
+    norms = group_sq.sqrt() * loss_scale
+    factors = torch.stack([clip_fn(norms[m], r) for m, r in enumerate(grouping.thresholds)]) * loss_scale
+    finite = torch.isfinite(norms).all(0)
+    nonfinite = 0
+    if not bool(finite.all()):
+        nonfinite = int((~finite).sum())
+        factors = torch.where(finite, factors, torch.zeros_like(factors))
+        explicit = {n: _zero_rows(Call((g,), {}), finite).args[0] for n, g in explicit.items()}
+        calls = {h: [_zero_rows(c, finite) for c in cs] for h, cs in calls.items()}
+
+    def factor(name: str) -> torch.Tensor:
+        return factors[grouping.group_of[name]]
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def add_sum(name: str, value: torch.Tensor) -> None:
+        sums[name] = sums[name] + value if name in sums else value
+
+    reused = {n for h in calls if methods[h].reuse and not methods[h].ghost_norm for n in h.params.values()}
+    for name in reused:
+        add_sum(name, weighted_sum(factor(name), explicit[name]))
+    for handler, cs in calls.items():
+        if methods[handler].reuse and not methods[handler].ghost_norm:
+            continue
+        local_factors = {n: factor(g) for n, g in handler.params.items()}
+        for call in cs:
+            for n, s in handler.rule.clipped_sum(handler.module, call, list(handler.params), local_factors).items():
+                add_sum(handler.params[n], s)
+    return ClippedPass(sums, batch, nonfinite)
+
+
+def _device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(tensors.values())).device if tensors else torch.device("cpu")

@@ -1,0 +1,176 @@
+"""Attach to a user's model without wrapping it: record each handled module's inputs in the forward
+pass and its output gradients in the backward pass, and take everything off again on detach.
+
+While the model runs forward, its trainable parameters do not require gradients, so autograd
+computes activation gradients only and never a non-private weight gradient; the clipped sums
+computed from the recorded tensors take the weight gradients' place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .handlers import Handler, build_handlers
+from .layers.base import Call
+from .layers.functional import FunctionalRule
+from .trace import trace_uses
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TapSpec:
+    """Which leaves of a module's output were tapped, with their shapes (for zero gradients)."""
+
+    indices: list[int]
+    shapes: list[tuple[torch.Size, torch.dtype, torch.device]]
+
+
+Pass = dict[Handler, list[Call]]
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int | None:
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return None
+
+
+class Controller:
+    """Hooks on a model that record what the clipping needs; the model object is never replaced."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, param_grads: bool = False):
+        self.model = model
+        self.params = params
+        self.param_grads = param_grads  # True: leave autograd's parameter gradients on (two-pass ghost)
+        self.handlers: list[Handler] = []
+        self.passes: list[Pass] = []
+        self.first_use_order: list[str] = list(params)
+        self.traced = False
+        self._paused = False
+        self._root_hooks: list = []
+        self._handler_hooks: list = []
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+        self._on_trace: list = []
+
+    # ----------------------------------------------------------------------------- attach/detach
+    def attach(self) -> None:
+        self._install(build_handlers(self.model, self.params, None, self._fallback))
+        self._root_hooks = [
+            self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True),
+            self.model.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._root_hooks + self._handler_hooks:
+            handle.remove()
+        self._root_hooks, self._handler_hooks = [], []
+        self._set_requires_grad(True)
+        self.passes.clear()
+        self.handlers = []
+
+    def on_trace(self, callback) -> None:
+        """Call `callback(controller)` once the first forward pass has been traced."""
+        self._on_trace.append(callback)
+
+    def _fallback(self) -> FunctionalRule:
+        return FunctionalRule(self.paused)
+
+    def _install(self, handlers: list[Handler]) -> None:
+        for handle in self._handler_hooks:
+            handle.remove()
+        self.handlers = handlers
+        self._handler_hooks = [
+            h.module.register_forward_hook(self._make_tap(h), with_kwargs=True) for h in handlers
+        ]
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Run the model without recording (the fallback's replays, the trace)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def _set_requires_grad(self, flag: bool) -> None:
+        for p in self.params.values():
+            p.requires_grad_(flag)
+
+    # ----------------------------------------------------------------------------- forward hooks
+    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._paused:
+            return
+        if not self.traced:
+            with self.paused():
+                uses = trace_uses(self.model, self.params, args, kwargs)
+            self.first_use_order = uses.order + [n for n in self.params if n not in uses.order]
+            self._install(build_handlers(self.model, self.params, uses, self._fallback))
+            self.traced = True
+            for callback in self._on_trace:
+                callback(self)
+        if torch.is_grad_enabled():
+            self.passes.append({})
+            if not self.param_grads:
+                self._set_requires_grad(False)
+
+    def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not self._paused and not self.param_grads:
+            self._set_requires_grad(True)
+
+    def _anchor(self, device: torch.device) -> torch.Tensor:
+        """A zero that requires grad: added to an output that would otherwise not need a gradient."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        anchor = self._anchors[device]
+        anchor.grad = None
+        return anchor
+
+    def _make_tap(self, handler: Handler):
+        def tap(module: nn.Module, args: tuple, kwargs: dict, output):
+            if self._paused or not torch.is_grad_enabled() or not self.passes:
+                return None
+            batch = _batch_of(args, kwargs)
+            leaves, spec = tree_flatten(output)
+            call = Call(args, kwargs)
+            indices, shapes = [], []
+            for i, leaf in enumerate(leaves):
+                if not (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()):
+                    continue
+                if leaf.dim() == 0 or leaf.shape[0] != batch:
+                    if leaf.requires_grad and handler.uses_fallback:
+                        raise RuntimeError(
+                            f"{type(module).__name__} at '{handler.name}' returns a tensor without the batch "
+                            f"dimension (shape {tuple(leaf.shape)}); the per-sample gradients of "
+                            f"{sorted(handler.params.values())} cannot be computed exactly"
+                        )
+                    continue
+                if not leaf.requires_grad:
+                    leaf = leaf + self._anchor(leaf.device)
+                    leaves[i] = leaf
+                slot = len(call.output_grads)
+                call.output_grads.append(None)
+                leaf.register_hook(lambda g, call=call, slot=slot: call.output_grads.__setitem__(slot, g))
+                indices.append(i)
+                shapes.append((leaf.shape, leaf.dtype, leaf.device))
+            call.output_spec = TapSpec(indices, shapes)
+            self.passes[-1].setdefault(handler, []).append(call)
+            return tree_unflatten(leaves, spec)
+
+        return tap
+
+    # ----------------------------------------------------------------------------- consumption
+    def take_passes(self) -> list[Pass]:
+        """The recorded passes that received gradients; forgets everything recorded so far."""
+        done = [p for p in self.passes if any(c.has_grads for calls in p.values() for c in calls)]
+        self.passes = []
+        return done
+
+    def clear(self) -> None:
+        self.passes = []

@@ -1,0 +1,239 @@
+"""PrivacyEngine: makes a model, optimizer and data loader differentially private, Opacus-style,
+without wrapping the model."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, IterableDataset
+
+from .accounting import Accountant, noise_for_epsilon
+from .clipper import MethodChooser
+from .clipping import clipping_function
+from .controller import Controller
+from .grouping import ClippingStyle, Grouping, make_grouping
+from .modes import method_chooser
+from .optimizer import DPOptimizer
+from .sampling import DPDataLoader, PoissonBatchSampler, loader_options
+
+logger = logging.getLogger(__name__)
+
+_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+NOT_POISSON_WARNING = (
+    "poisson_sampling=False: the reported epsilon assumes Poisson sampling, which these batches "
+    "are not; it is not a guarantee for this run"
+)
+
+
+def _check_module(module: nn.Module) -> dict[str, nn.Parameter]:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if module in _ATTACHED:
+        raise ValueError("make_private was already called on this model; call engine.detach() first")
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"BatchNorm at '{name}' mixes examples of a batch, which breaks per-example privacy; "
+                "replace it with dpspeed.fix_model(model) (GroupNorm) first"
+            )
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return params
+
+
+def _check_optimizer(optimizer: Optimizer, module: nn.Module) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, DPOptimizer):
+        raise ValueError("this optimizer is already private; pass the original optimizer")
+    in_model = {id(p) for p in module.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in in_model:
+                raise ValueError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
+                    "build the optimizer from model.parameters()"
+                )
+
+
+def _check_loader(data_loader: DataLoader) -> None:
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    if isinstance(data_loader.dataset, IterableDataset):
+        raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
+    if data_loader.batch_size is None:
+        raise ValueError("the data loader needs a batch_size: it is the expected logical batch size")
+
+
+def _check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    reduction = getattr(criterion, "reduction", None)
+    if reduction is not None and reduction != loss_reduction:
+        raise ValueError(
+            f"the criterion reduces by {reduction!r} but loss_reduction={loss_reduction!r}; make them agree"
+        )
+
+
+class PrivacyEngine:
+    """Opacus-compatible entry point: make_private, make_private_with_epsilon, get_epsilon, detach."""
+
+    def __init__(self, accountant: str = "pld", secure_mode: bool = False):
+        if secure_mode:
+            raise ValueError("secure_mode (a cryptographic noise source) is not supported")
+        self.accountant = Accountant(accountant)
+        self.controller: Controller | None = None
+        self.optimizer: DPOptimizer | None = None
+        self.data_loader: DPDataLoader | None = None
+        self.grouping: Grouping | None = None
+        self.poisson_sampling = True
+        self.sample_rate: float | None = None
+        self._module: nn.Module | None = None
+
+    # ------------------------------------------------------------------------------------ setup
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float | Sequence[float],
+        criterion: nn.Module | None = None,
+        clipping_mode: str = "per-example",
+        clipping_style: ClippingStyle = "all-layer",
+        clipping_fn: str = "abadi",
+        loss_reduction: str = "mean",
+        max_physical_batch_size: int | None = None,
+        poisson_sampling: bool = True,
+        noise_generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ):
+        """Attach to `module` and return (module, optimizer, criterion, data_loader), or
+        (module, optimizer, data_loader) without a criterion. The module is the same object."""
+        if self.controller is not None:
+            raise ValueError("this PrivacyEngine is already attached; use one engine per model")
+        params = _check_module(module)
+        _check_optimizer(optimizer, module)
+        _check_loader(data_loader)
+        _check_criterion(criterion, loss_reduction)
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        clip_fn = clipping_function(clipping_fn)
+        choose: MethodChooser = method_chooser(clipping_mode)
+        grouping = make_grouping(clipping_style, list(params), max_grad_norm)
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+
+        num_samples = len(data_loader.dataset)
+        self.sample_rate = data_loader.batch_size / num_samples
+        if poisson_sampling:
+            logical = PoissonBatchSampler(num_samples, self.sample_rate, steps=len(data_loader), seed=seed)
+        else:
+            logical = data_loader.batch_sampler
+        dp_loader = DPDataLoader(
+            data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size, **loader_options(data_loader)
+        )
+
+        controller = Controller(module, params)
+        if isinstance(clipping_style, int) and not isinstance(clipping_style, bool):
+            controller.on_trace(lambda c: self._regroup(clipping_style, max_grad_norm, c.first_use_order))
+        dp_optimizer = DPOptimizer(
+            optimizer, controller, grouping, clip_fn, choose, noise_multiplier,
+            expected_batch_size=float(data_loader.batch_size), loss_reduction=loss_reduction,
+            noise_generator=noise_generator,
+        )
+        dp_optimizer.on_logical_step.append(self._account_step)
+        dp_loader.attach(dp_optimizer)
+        controller.attach()
+        _ATTACHED.add(module)
+
+        self.controller, self.optimizer, self.data_loader = controller, dp_optimizer, dp_loader
+        self.grouping, self.poisson_sampling, self._module = grouping, poisson_sampling, module
+        logger.info(
+            "dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
+            len(params), len(grouping.groups), noise_multiplier, self.sample_rate, clipping_mode,
+        )
+        if criterion is None:
+            return module, dp_optimizer, dp_loader
+        return module, dp_optimizer, criterion, dp_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int | None = None,
+        steps: int | None = None,
+        data_loader: DataLoader,
+        **kwargs,
+    ):
+        """make_private with the smallest noise multiplier reaching `target_epsilon` after
+        `epochs` epochs (or `steps` logical batches)."""
+        if "noise_multiplier" in kwargs:
+            raise ValueError("give target_epsilon or noise_multiplier, not both")
+        if (epochs is None) == (steps is None):
+            raise ValueError("give exactly one of epochs= or steps=")
+        _check_loader(data_loader)
+        sample_rate = data_loader.batch_size / len(data_loader.dataset)
+        total_steps = steps if steps is not None else epochs * len(data_loader)
+        sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps, self.accountant.kind)
+        logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps", sigma, target_epsilon, total_steps)
+        return self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
+
+    def _regroup(self, style: int, max_grad_norm, order: list[str]) -> None:
+        """int M groups are consecutive layers in the order of first use, known after the trace."""
+        grouping = make_grouping(style, order, max_grad_norm)
+        self.grouping = grouping
+        self.optimizer.grouping = grouping
+
+    def _account_step(self) -> None:
+        self.accountant.step(self.optimizer.noise_multiplier, self.sample_rate)
+
+    # ------------------------------------------------------------------------------------ report
+    def get_epsilon(self, delta: float) -> float:
+        """epsilon spent so far at this delta, from dp-accounting, for the steps actually taken."""
+        if not self.poisson_sampling:
+            warnings.warn(NOT_POISSON_WARNING, stacklevel=2)
+        return self.accountant.get_epsilon(delta)
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        return self.optimizer.noise_multiplier if self.optimizer else None
+
+    @property
+    def nonfinite_examples(self) -> int:
+        """Examples whose gradient was not finite and that contributed nothing."""
+        return self.optimizer.nonfinite_examples if self.optimizer else 0
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Accountant history and sampler state, to save with a checkpoint."""
+        return {
+            "accountant": self.accountant.state_dict(),
+            "sampler": self.data_loader.state_dict() if self.data_loader else {},
+            "logical_steps": self.optimizer.logical_steps if self.optimizer else 0,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        if self.data_loader is not None:
+            self.data_loader.load_state_dict(state["sampler"])
+        if self.optimizer is not None:
+            self.optimizer.logical_steps = state["logical_steps"]
+
+    def detach(self) -> None:
+        """Remove every hook; the model is as it was (same object, parameters, requires_grad)."""
+        if self.controller is not None:
+            self.controller.detach()
+        if self._module is not None:
+            _ATTACHED.discard(self._module)
+        self.controller = None
+        self._module = None

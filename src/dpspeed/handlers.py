@@ -1,0 +1,66 @@
+"""Decide which module computes the per-sample gradient of each trainable parameter, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from .layers.base import LayerRule
+from .layers.functional import FunctionalRule
+from .layers.registry import RULE_PARAMS, rule_for
+from .trace import ParameterUses
+
+
+@dataclass(eq=False)
+class Handler:
+    """A module whose forward calls are recorded, the rule that turns them into gradients, and the
+    parameters it covers as {name inside the module: name inside the model}."""
+
+    module: nn.Module
+    name: str
+    rule: LayerRule
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uses_fallback(self) -> bool:
+        return isinstance(self.rule, FunctionalRule)
+
+
+def _owner(model: nn.Module, param: nn.Parameter) -> tuple[str, nn.Module, str]:
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False):
+            if p is param:
+                return module_name, module, local
+    raise ValueError("parameter not found in the model")  # callers check membership first
+
+
+def build_handlers(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    uses: ParameterUses | None,
+    fallback: Callable[[], FunctionalRule],
+) -> list[Handler]:
+    """One handler per module that uses trainable parameters; owners when nothing was traced."""
+    names_of = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    placements: dict[nn.Module, dict[str, str]] = {}
+    for global_name, param in params.items():
+        users = uses.users.get(global_name) if uses is not None else None
+        if not users:
+            _, owner, local = _owner(model, param)
+            placements.setdefault(owner, {})[local] = global_name
+            continue
+        for user in users:
+            local = next(n for n, p in user.named_parameters(remove_duplicate=False) if p is param)
+            placements.setdefault(user, {})[local] = global_name
+    handlers = []
+    for module, names in placements.items():
+        rule = rule_for(module)
+        direct = all("." not in n and n in RULE_PARAMS for n in names)
+        if rule is None or not direct:
+            rule = fallback()
+        else:
+            rule.validate(module)
+        handlers.append(Handler(module, names_of.get(id(module), ""), rule, dict(sorted(names.items()))))
+    return handlers

@@ -1,0 +1,82 @@
+"""What a layer rule is: per-sample gradients, ghost norms and clipped sums of one module type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Call:
+    """One forward call of a handled module: its inputs and, after backward, its output gradients."""
+
+    args: tuple
+    kwargs: dict
+    output_grads: list[torch.Tensor | None] = field(default_factory=list)
+    output_spec: Any = None  # which output leaves were tapped (used by the functional fallback)
+
+    @property
+    def has_grads(self) -> bool:
+        return any(g is not None for g in self.output_grads)
+
+    def input(self) -> torch.Tensor:
+        return self.args[0]
+
+    def grad(self) -> torch.Tensor:
+        """The gradient of the module's single output (zeros if it never reached the loss)."""
+        return self.output_grads[0]
+
+
+def common_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast activation and output gradient to one dtype (they differ under autocast)."""
+    if a.dtype == g.dtype:
+        return a, g
+    dtype = torch.promote_types(a.dtype, g.dtype)
+    return a.to(dtype), g.to(dtype)
+
+
+def to_acc(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in its accumulation dtype: float32, or float64 if it already is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """sum_i factors[i] * per_sample[i], accumulated in float32 or better."""
+    per_sample = to_acc(per_sample)
+    return torch.einsum("b,b...->...", factors.to(per_sample.dtype), per_sample)
+
+
+class LayerRule:
+    """Per-sample gradient rule of one module type.
+
+    `names` are the module's own parameter names this rule is asked about (the trainable ones).
+    Every method receives the gradient of the *summed* loss; the engine scales for `mean`.
+    """
+
+    #: whether `ghost_sq_norms` is implemented (norms without per-sample gradients)
+    ghost: bool = False
+
+    def validate(self, module: nn.Module) -> None:
+        """Raise ValueError if this module's configuration cannot be handled exactly."""
+
+    def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """Per-sample gradients, name -> tensor of shape (B, *param.shape)."""
+        raise NotImplementedError
+
+    def ghost_sq_norms(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """Squared per-sample gradient norms without materialising the gradients, name -> (B,)."""
+        raise NotImplementedError
+
+    def clipped_sum(
+        self, module: nn.Module, call: Call, names: list[str], factors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """sum_i factors[name][i] * g_i(name), without per-sample gradients where possible."""
+        grads = self.per_sample_grads(module, call, names)
+        return {n: weighted_sum(factors[n], grads[n]) for n in names}
+
+    def costs(self, module: nn.Module, call: Call) -> tuple[float, float] | None:
+        """(ghost cost, explicit cost) of the norm in multiply-adds per example, or None."""
+        return None

@@ -1,0 +1,95 @@
+"""nn.Conv1d/2d/3d as a linear layer over unfolded patches, per group of channels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Call, LayerRule, common_dtype, to_acc, weighted_sum
+from .linear import ghost_sq_norm
+
+ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _padded(module: ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The input as the convolution sees it, after the module's padding."""
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    if module.padding == "valid":
+        return x
+    if module.padding == "same":
+        pads = []
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+    return F.pad(x, [p for p in reversed(module.padding) for _ in range(2)])
+
+
+def unfold(module: ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Patches of x as (B, groups, C_in/groups * prod(kernel), positions), ordered like the weight."""
+    x = _padded(module, x)
+    spatial = x.dim() - 2
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)
+    window = tuple(slice(None, None, d) for d in module.dilation)
+    x = x[(slice(None),) * (2 + spatial) + window]
+    x = x.permute(0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial))
+    batch = x.shape[0]
+    return x.reshape(batch, module.groups, -1, math.prod(x.shape[2 + spatial :]))
+
+
+def grouped_grad(module: ConvNd, g: torch.Tensor) -> torch.Tensor:
+    """Output gradient as (B, groups, C_out/groups, positions)."""
+    return g.reshape(g.shape[0], module.groups, module.out_channels // module.groups, -1)
+
+
+class ConvRule(LayerRule):
+    ghost = True
+
+    def _operands(self, module: ConvNd, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        a, g = common_dtype(call.input(), call.grad())
+        return unfold(module, a), grouped_grad(module, g)
+
+    def per_sample_grads(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        a, g = self._operands(module, call)
+        out = {}
+        if "weight" in names:
+            w = torch.einsum("bgpl,bgdl->bgpd", g, a)
+            out["weight"] = w.reshape(g.shape[0], *module.weight.shape)
+        if "bias" in names:
+            out["bias"] = g.sum(-1).reshape(g.shape[0], -1)
+        return out
+
+    def ghost_sq_norms(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        a, g = self._operands(module, call)
+        batch, groups = g.shape[:2]
+        out = {}
+        if "weight" in names:
+            flat_a = a.transpose(2, 3).reshape(batch * groups, a.shape[3], a.shape[2])
+            flat_g = g.transpose(2, 3).reshape(batch * groups, g.shape[3], g.shape[2])
+            out["weight"] = ghost_sq_norm(flat_a, flat_g).reshape(batch, groups).sum(1)
+        if "bias" in names:
+            out["bias"] = to_acc(g.sum(-1)).square().sum((1, 2))
+        return out
+
+    def clipped_sum(self, module: ConvNd, call: Call, names, factors) -> dict[str, torch.Tensor]:
+        a, g = self._operands(module, call)
+        out = {}
+        if "weight" in names:
+            scaled = g * factors["weight"].to(g.dtype).view(-1, 1, 1, 1)
+            w = torch.einsum("bgpl,bgdl->gpd", scaled, a)
+            out["weight"] = to_acc(w).reshape(module.weight.shape)
+        if "bias" in names:
+            out["bias"] = weighted_sum(factors["bias"], g.sum(-1).reshape(g.shape[0], -1))
+        return out
+
+    def costs(self, module: ConvNd, call: Call) -> tuple[float, float]:
+        g = call.grad()
+        positions = g[0, 0].numel() if g is not None and g.shape[0] else 1
+        d = module.in_channels // module.groups * math.prod(module.kernel_size)
+        p = module.out_channels // module.groups
+        return 2.0 * positions**2 * (d + p) * module.groups, float(positions * d * p * module.groups)

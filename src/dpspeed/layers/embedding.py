@@ -1,0 +1,52 @@
+"""nn.Embedding: the gradient of row v is the sum of output gradients at positions holding token v."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Call, LayerRule, to_acc
+
+
+def _operands(module: nn.Embedding, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and output gradients (B, T, D), with padding positions zeroed."""
+    ids = call.input()
+    g = call.grad()
+    ids = ids.reshape(ids.shape[0], -1)
+    g = g.reshape(ids.shape[0], -1, g.shape[-1])
+    if module.padding_idx is not None:
+        g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+    return ids, g
+
+
+class EmbeddingRule(LayerRule):
+    ghost = True
+
+    def validate(self, module: nn.Embedding) -> None:
+        if module.sparse or module.scale_grad_by_freq:
+            raise ValueError("nn.Embedding with sparse=True or scale_grad_by_freq=True is not supported")
+
+    def per_sample_grads(self, module: nn.Embedding, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        ids, g = _operands(module, call)
+        batch, vocab, dim = ids.shape[0], module.num_embeddings, g.shape[-1]
+        rows = (ids + vocab * torch.arange(batch, device=ids.device).unsqueeze(1)).reshape(-1)
+        out = torch.zeros(batch * vocab, dim, dtype=g.dtype, device=g.device)
+        out.index_add_(0, rows, g.reshape(-1, dim))
+        return {"weight": out.reshape(batch, vocab, dim)}
+
+    def ghost_sq_norms(self, module: nn.Embedding, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        ids, g = _operands(module, call)
+        same_token = ids.unsqueeze(2) == ids.unsqueeze(1)
+        gram = to_acc(torch.bmm(g, g.transpose(1, 2)))
+        return {"weight": (gram * same_token).sum((1, 2))}
+
+    def clipped_sum(self, module: nn.Embedding, call: Call, names, factors) -> dict[str, torch.Tensor]:
+        ids, g = _operands(module, call)
+        g = to_acc(g) * factors["weight"].to(to_acc(g).dtype).view(-1, 1, 1)
+        out = torch.zeros(module.num_embeddings, g.shape[-1], dtype=g.dtype, device=g.device)
+        out.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+        return {"weight": out}
+
+    def costs(self, module: nn.Embedding, call: Call) -> tuple[float, float]:
+        tokens = call.input()[0].numel() if call.input().shape[0] else 1
+        return 2.0 * tokens**2 * module.embedding_dim, float(module.num_embeddings * module.embedding_dim)

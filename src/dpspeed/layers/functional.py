@@ -1,0 +1,67 @@
+"""Generic fallback: per-sample gradients of any module's own parameters through torch.func.
+
+The module's forward is replayed on each example (vmap over a batch of one) and pulled back
+with that example's output gradient. Exact for any module whose forward treats examples
+independently; one extra forward and backward of the module in cost.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .base import Call, LayerRule
+
+
+def batch_size(call: Call) -> int:
+    """The batch size of a call: the leading dimension of its first output gradient."""
+    return next(g.shape[0] for g in call.output_grads if g is not None)
+
+
+def get_param(module: nn.Module, name: str) -> torch.Tensor:
+    return module.get_parameter(name)
+
+
+class FunctionalRule(LayerRule):
+    """Handles the given parameters of a module (its own, or of children it uses directly)."""
+
+    def __init__(self, pause_recording: Callable):
+        self.pause_recording = pause_recording
+
+    def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        batch = batch_size(call)
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in leaves]
+        inputs = [t.unsqueeze(1) if b else t for t, b in zip(leaves, batched)]
+        tapped = call.output_spec
+        grads = tuple(
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            for g, (shape, dtype, device) in zip(call.output_grads, tapped.shapes)
+        )
+        params = {n: get_param(module, n).detach() for n in names}
+
+        def one_example(example_inputs: list, example_grads: tuple) -> dict[str, torch.Tensor]:
+            args, kwargs = tree_unflatten(example_inputs, spec)
+
+            def forward(p: dict[str, torch.Tensor]) -> tuple:
+                out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
+                return tuple(out_leaves[i] for i in tapped.indices)
+
+            _, pullback = vjp(forward, params)
+            return pullback(tuple(g.unsqueeze(0) for g in example_grads))[0]
+
+        in_dims = ([0 if b else None for b in batched], tuple(0 for _ in grads))
+        with self.pause_recording(), torch.no_grad():
+            try:
+                return vmap(one_example, in_dims=in_dims, randomness="error")(inputs, grads)
+            except RuntimeError as err:
+                if "randomness" in str(err):
+                    raise RuntimeError(
+                        f"{type(module).__name__} uses randomness (e.g. dropout) in its forward and has no "
+                        "exact per-sample rule; set its dropout to 0 or give it a rule"
+                    ) from err
+                raise

@@ -1,0 +1,73 @@
+"""nn.Linear: a (B, T, d) times W (p, d); any number of leading dimensions folded into T."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Call, LayerRule, common_dtype, to_acc, weighted_sum
+
+
+def flatten_positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ..., d) and (B, ..., p) -> (B, T, d) and (B, T, p)."""
+    a, g = common_dtype(a, g)
+    batch = g.shape[0]
+    return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+
+
+def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), in float32."""
+    if a.shape[1] == 1:
+        return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
+    gram_a = to_acc(torch.bmm(a, a.transpose(1, 2)))
+    gram_g = to_acc(torch.bmm(g, g.transpose(1, 2)))
+    return (gram_a * gram_g).sum((1, 2))
+
+
+def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """sum_i factors[i] * g_i^T a_i for a (B, T, d), g (B, T, p): one (p, BT) x (BT, d) product."""
+    scaled = g * factors.to(g.dtype).view(-1, 1, 1)
+    return to_acc(scaled.reshape(-1, g.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1])))
+
+
+def bias_terms(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample bias gradients: the output gradient summed over positions, (B, p)."""
+    return g.sum(1)
+
+
+class LinearRule(LayerRule):
+    ghost = True
+
+    def per_sample_grads(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        a, g = flatten_positions(call.input(), call.grad())
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.einsum("btp,btd->bpd", g, a)
+        if "bias" in names:
+            out["bias"] = bias_terms(g)
+        return out
+
+    def ghost_sq_norms(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        a, g = flatten_positions(call.input(), call.grad())
+        out = {}
+        if "weight" in names:
+            out["weight"] = ghost_sq_norm(a, g)
+        if "bias" in names:
+            out["bias"] = to_acc(bias_terms(g)).square().sum(1)
+        return out
+
+    def clipped_sum(self, module: nn.Linear, call: Call, names, factors) -> dict[str, torch.Tensor]:
+        a, g = flatten_positions(call.input(), call.grad())
+        out = {}
+        if "weight" in names:
+            out["weight"] = clipped_matmul(a, g, factors["weight"])
+        if "bias" in names:
+            out["bias"] = weighted_sum(factors["bias"], bias_terms(g))
+        return out
+
+    def costs(self, module: nn.Linear, call: Call) -> tuple[float, float]:
+        a = call.input()
+        positions = a[0].numel() // a.shape[-1] if a.shape[0] else 1
+        return 2.0 * positions**2 * (module.in_features + module.out_features), float(
+            positions * module.in_features * module.out_features
+        )

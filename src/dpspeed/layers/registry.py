@@ -1,0 +1,38 @@
+"""Which rule handles which module type: exact types only, so a subclass that changes the maths
+(timm's StdConv2d, LayerNorm2d) is never mistaken for its parent."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LayerRule
+from .conv import ConvRule
+from .embedding import EmbeddingRule
+from .linear import LinearRule
+from .norms import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+
+_RULES: dict[type, LayerRule] = {}
+
+#: parameter names a rule handles; any other direct parameter sends the module to the fallback
+RULE_PARAMS = ("weight", "bias")
+
+
+def register_rule(module_type: type, rule: LayerRule) -> None:
+    """Handle modules of exactly `module_type` with `rule` (an explicit opt-in, also for subclasses)."""
+    _RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    return _RULES.get(type(module))
+
+
+for _t in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+    register_rule(_t, LinearRule())
+for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_rule(_t, ConvRule())
+register_rule(nn.Embedding, EmbeddingRule())
+register_rule(nn.LayerNorm, LayerNormRule())
+register_rule(nn.RMSNorm, RMSNormRule())
+register_rule(nn.GroupNorm, GroupNormRule())
+for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_rule(_t, InstanceNormRule())

@@ -1,0 +1,112 @@
+"""The private optimizer: on every physical batch, clip and accumulate; on the last physical batch of
+a logical batch, add Gaussian noise once to the sum, divide, and let the user's optimizer step."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from .clipper import MethodChooser, clip_pass
+from .clipping import ClipFunction
+from .controller import Controller
+from .grouping import Grouping
+from .layers.base import to_acc
+
+logger = logging.getLogger(__name__)
+
+
+class DPOptimizer(Optimizer):
+    """Wraps a torch optimizer; shares its param_groups and state, so LR schedulers work on it."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        controller: Controller,
+        grouping: Grouping,
+        clip_fn: ClipFunction,
+        choose: MethodChooser,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        loss_reduction: str,
+        noise_generator: torch.Generator | None = None,
+    ):
+        self.original_optimizer = optimizer
+        self.controller = controller
+        self.grouping = grouping
+        self.clip_fn = clip_fn
+        self.choose = choose
+        self.noise_multiplier = noise_multiplier
+        self.expected_batch_size = expected_batch_size
+        self.loss_reduction = loss_reduction
+        self.noise_generator = noise_generator
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+        self.state = optimizer.state
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+        #: set by the DP data loader before each physical batch; True without one
+        self.is_last_physical_batch = True
+        self.summed: dict[str, torch.Tensor] = {}
+        self.logical_steps = 0
+        self.examples_in_logical_batch = 0
+        self.nonfinite_examples = 0
+        self.on_logical_step: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' gradients and unconsumed recordings; clipped sums of earlier
+        physical batches of the current logical batch are kept."""
+        self.original_optimizer.zero_grad(set_to_none)
+        self.controller.clear()
+
+    def accumulate(self) -> None:
+        """Clip the examples of every recorded pass and add them to the running sums."""
+        for recorded in self.controller.take_passes():
+            clipped = clip_pass(recorded, self.grouping, self.clip_fn, self.loss_reduction, self.choose)
+            self.examples_in_logical_batch += clipped.examples
+            if clipped.nonfinite:
+                self.nonfinite_examples += clipped.nonfinite
+                logger.warning(
+                    "%d example(s) had a non-finite gradient and contributed nothing (%d so far)",
+                    clipped.nonfinite, self.nonfinite_examples,
+                )
+            for name, s in clipped.sums.items():
+                self.summed[name] = self.summed[name] + s if name in self.summed else s
+
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.accumulate()
+        if self.is_last_physical_batch:
+            self._privatise_and_step()
+        return loss
+
+    def _privatise_and_step(self) -> None:
+        std = self.noise_multiplier * self.grouping.total_threshold
+        for name, p in self.controller.params.items():
+            total = self.summed.get(name)
+            if total is None:
+                total = torch.zeros_like(p, dtype=to_acc(p).dtype)
+            if std > 0:
+                noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=total.dtype)
+                total = total + std * noise
+            if self.loss_reduction == "mean":
+                total = total / self.expected_batch_size
+            p.grad = total.to(p.dtype)
+        self.original_optimizer.step()
+        self.summed = {}
+        self.examples_in_logical_batch = 0
+        self.logical_steps += 1
+        for callback in self.on_logical_step:
+            callback()
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise RuntimeError("add parameter groups before make_private: new parameters would not be privatised")

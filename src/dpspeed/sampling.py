@@ -1,0 +1,163 @@
+"""Poisson sampling of logical batches and their split into physical batches (virtual batching)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+from torch.utils._pytree import tree_map
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Each logical batch takes every index independently with probability `sample_rate`.
+
+    An epoch has round(1 / sample_rate) batches; some may be empty. The RNG state is part of
+    `state_dict`, so a resumed run draws the batches it would have drawn.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, seed: int | None = None):
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class _PhysicalBatches(Sampler[list[int]]):
+    """Splits each logical batch into physical ones and queues whether each ends its logical batch."""
+
+    def __init__(self, logical: Sampler[list[int]] | Any, max_size: int | None):
+        self.logical = logical
+        self.max_size = max_size
+        self.ends: deque[bool] = deque()
+
+    def __len__(self) -> int:
+        return len(self.logical)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.ends.clear()
+        for indices in self.logical:
+            indices = list(indices)
+            size = self.max_size or max(len(indices), 1)
+            chunks = [indices[i : i + size] for i in range(0, len(indices), size)] or [[]]
+            for k, chunk in enumerate(chunks):
+                self.ends.append(k == len(chunks) - 1)
+                yield chunk
+
+
+class _CollateOrEmpty:
+    """The user's collate function, and for an empty batch the same structure with zero rows."""
+
+    def __init__(self, collate_fn, empty_batch):
+        self.collate_fn = collate_fn
+        self.empty_batch = empty_batch
+
+    def __call__(self, samples: list):
+        return self.collate_fn(samples) if samples else self.empty_batch
+
+
+def _empty_like(batch: Any) -> Any:
+    return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, batch)
+
+
+class DPDataLoader:
+    """Yields physical batches; before each one, tells the optimizer whether it ends a logical batch.
+
+    `len()` is the number of logical batches (optimizer steps) per epoch. An empty logical batch
+    yields one batch with zero rows, so that the step (noise only) still happens.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        logical_batches: Sampler[list[int]] | Any,
+        *,
+        max_physical_batch_size: int | None = None,
+        collate_fn=None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        **loader_kwargs,
+    ):
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+        collate_fn = collate_fn or default_collate
+        self.dataset = dataset
+        self.logical_batches = logical_batches
+        self.batches = _PhysicalBatches(logical_batches, max_physical_batch_size)
+        empty = _empty_like(collate_fn([dataset[0]]))
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.batches,
+            collate_fn=_CollateOrEmpty(collate_fn, empty),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            **loader_kwargs,
+        )
+        self.optimizer = None
+
+    def attach(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def __len__(self) -> int:
+        return len(self.logical_batches)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            end = self.batches.ends.popleft()
+            if self.optimizer is not None:
+                self.optimizer.is_last_physical_batch = end
+            yield batch
+
+    @property
+    def sample_rate(self) -> float | None:
+        return getattr(self.logical_batches, "sample_rate", None)
+
+    def state_dict(self) -> dict:
+        sd = getattr(self.logical_batches, "state_dict", None)
+        return sd() if sd else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and hasattr(self.logical_batches, "load_state_dict"):
+            self.logical_batches.load_state_dict(state)
+
+
+def loader_options(loader: DataLoader) -> dict:
+    """The options of a user's DataLoader that a DPDataLoader keeps."""
+    options = {
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["persistent_workers"] = loader.persistent_workers
+    return options
+
+
+def fixed_batches(loader: DataLoader) -> Sequence[list[int]] | Sampler:
+    """The user's own batches (no Poisson sampling): the loader's batch sampler."""
+    return loader.batch_sampler

@@ -1,0 +1,89 @@
+"""Find which module uses each parameter, by running the model once and watching every torch call.
+
+Ownership is not use: nn.MultiheadAttention uses its child out_proj's weight in its own forward,
+a language model uses one embedding matrix in two modules, a ViT adds its bare pos_embed in the
+root's forward. A parameter is handled by the innermost module that is running when it is used
+and that contains it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+
+@dataclass
+class ParameterUses:
+    """For each parameter name, the modules that use it, and the order of first use."""
+
+    users: dict[str, list[nn.Module]] = field(default_factory=lambda: defaultdict(list))
+    order: list[str] = field(default_factory=list)
+
+
+def _local_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+
+
+class _UseRecorder(TorchFunctionMode):
+    def __init__(self, params: dict[int, str], stack: list[nn.Module], uses: ParameterUses):
+        super().__init__()
+        self.params, self.stack, self.uses = params, stack, uses
+        self._contents: dict[nn.Module, dict[int, str]] = {}
+
+    def _user(self, param_id: int) -> nn.Module | None:
+        for module in reversed(self.stack):
+            if module not in self._contents:
+                self._contents[module] = _local_names(module)
+            if param_id in self._contents[module]:
+                return module
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+            return out  # .shape, .dim() and the like are not uses
+        for leaf in tree_flatten((args, kwargs))[0]:
+            name = self.params.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if name is None:
+                continue
+            if name not in self.uses.users:
+                self.uses.order.append(name)
+            user = self._user(id(leaf))
+            if user is not None and user not in self.uses.users[name]:
+                self.uses.users[name].append(user)
+        return out
+
+
+def _rng_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, kwargs: dict) -> ParameterUses:
+    """Run `model(*args, **kwargs)` once without gradients and with the RNG state restored after."""
+    uses = ParameterUses()
+    stack: list[nn.Module] = []
+    handles = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        stack.append(module)
+
+    def leave(module: nn.Module, args: tuple, output) -> None:
+        stack.pop()
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    recorder = _UseRecorder({id(p): n for n, p in params.items()}, stack, uses)
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad(), recorder:
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return uses
