@@ -36,14 +36,21 @@ def clip_factor(norm: float, threshold: float, fn: str) -> float:
     return threshold / (norm + 0.01)
 
 
-def reference_sum(model: nn.Module, loss_fn: LossFn, examples: list[tuple], groups: list[list[str]],
-                  thresholds: list[float], fn: str) -> dict[str, torch.Tensor]:
-    """sum_i of each example's gradient, clipped per group: forward and backward one example at a time."""
+def per_example_grads(model: nn.Module, loss_fn: LossFn, examples: list[tuple]) -> list[dict[str, torch.Tensor]]:
+    """Each example's gradient: forward and backward of that example alone."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p).detach() for n, p in params.items()}
+    out = []
     for example in examples:
         grads = torch.autograd.grad(loss_fn(model, example), list(params.values()), allow_unused=True)
-        grads = {n: torch.zeros_like(p).detach() if g is None else g.detach() for (n, p), g in zip(params.items(), grads)}
+        out.append({n: torch.zeros_like(p).detach() if g is None else g.detach() for (n, p), g in zip(params.items(), grads)})
+    return out
+
+
+def reference_sum(per_example: list[dict[str, torch.Tensor]], groups: list[list[str]], thresholds: list[float],
+                  fn: str) -> dict[str, torch.Tensor]:
+    """sum_i of each example's gradient, clipped per group."""
+    total = {n: torch.zeros_like(g) for n, g in per_example[0].items()}
+    for grads in per_example:
         for group, r in zip(groups, thresholds):
             norm = math.sqrt(sum(float(grads[n].double().square().sum()) for n in group))
             c = clip_factor(norm, r, fn)

@@ -40,8 +40,25 @@ class ClippedPass:
     nonfinite: int
 
 
+def _per_sample(handler: Handler, call: Call) -> dict[str, torch.Tensor]:
+    """Per-example gradients of one call, rows of one example summed when the batch was flattened."""
+    grads = handler.rule.per_sample_grads(handler.module, call, list(handler.params))
+    k = call.rows_per_example
+    if k == 1:
+        return grads
+    return {n: g.reshape(g.shape[0] // k, k, *g.shape[1:]).sum(1) for n, g in grads.items()}
+
+
+def _clipped_sum(handler: Handler, call: Call, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    k = call.rows_per_example
+    if k > 1:
+        factors = {n: f.repeat_interleave(k) for n, f in factors.items()}
+    return handler.rule.clipped_sum(handler.module, call, list(handler.params), factors)
+
+
 def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
     """The call with every tensor row of a dropped example set to zero."""
+    keep = keep.repeat_interleave(call.rows_per_example)
     batch = keep.shape[0]
 
     def mask(t):
@@ -49,7 +66,8 @@ def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
             return torch.where(keep.view(-1, *[1] * (t.dim() - 1)), t, torch.zeros((), dtype=t.dtype, device=t.device))
         return t
 
-    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), [mask(g) for g in call.output_grads], call.output_spec)
+    grads = [mask(g) for g in call.output_grads]
+    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example)
 
 
 def clip_pass(
@@ -65,7 +83,8 @@ def clip_pass(
     for handler in calls:
         for name in handler.params.values():
             users[name] = users.get(name, 0) + 1
-    batch = batch_size(next(iter(calls.values()))[0])
+    first = next(iter(calls.values()))[0]
+    batch = batch_size(first) // first.rows_per_example
     if batch == 0:
         return ClippedPass({}, 0, 0)
     loss_scale = float(batch) if loss_reduction == "mean" else 1.0
@@ -73,7 +92,8 @@ def clip_pass(
     methods: dict[Handler, LayerMethod] = {}
     for handler, cs in calls.items():
         shared = len(cs) > 1 or any(users[n] > 1 for n in handler.params.values())
-        methods[handler] = EXPLICIT if shared else choose(handler, cs)
+        flattened = any(c.rows_per_example > 1 for c in cs)
+        methods[handler] = EXPLICIT if shared or flattened else choose(handler, cs)
 
     sq_norms: dict[str, torch.Tensor] = {}
     explicit: dict[str, torch.Tensor] = {}
@@ -88,7 +108,7 @@ def clip_pass(
                 for n, v in handler.rule.ghost_sq_norms(handler.module, call, local).items():
                     add_norm(handler.params[n], to_acc(v))
                 continue
-            for n, g in handler.rule.per_sample_grads(handler.module, call, local).items():
+            for n, g in _per_sample(handler, call).items():
                 name = handler.params[n]
                 explicit[name] = explicit[name] + g if name in explicit else g
     for name, g in explicit.items():
@@ -105,7 +125,7 @@ def clip_pass(
     if not bool(finite.all()):
         nonfinite = int((~finite).sum())
         factors = torch.where(finite, factors, torch.zeros_like(factors))
-        explicit = {n: _zero_rows(Call((g,), {}), finite).args[0] for n, g in explicit.items()}
+        explicit = {n: _zero_rows(Call((g,), {}, [g]), finite).args[0] for n, g in explicit.items()}
         calls = {h: [_zero_rows(c, finite) for c in cs] for h, cs in calls.items()}
 
     def factor(name: str) -> torch.Tensor:
@@ -124,7 +144,7 @@ def clip_pass(
             continue
         local_factors = {n: factor(g) for n, g in handler.params.items()}
         for call in cs:
-            for n, s in handler.rule.clipped_sum(handler.module, call, list(handler.params), local_factors).items():
+            for n, s in _clipped_sum(handler, call, local_factors).items():
                 add_sum(handler.params[n], s)
     return ClippedPass(sums, batch, nonfinite)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .handlers import Handler, build_handlers
 from .layers.base import Call
@@ -42,6 +42,29 @@ def _batch_of(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _broadcaster(args: tuple, kwargs: dict, batch: int):
+    """For a module called on inputs that do not come from the batch (position ids): a function
+    giving each tensor of the call a batch dimension, so that its output gradient stays per
+    example; None when the inputs already have one row per example (a buffer expanded to the batch).
+
+    Inputs of leading size 1 are expanded, 1-d inputs get a batch dimension in front, inputs with
+    `batch` rows are taken as per example, and anything else gets a batch dimension in front.
+    """
+    first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if first is None or (first.dim() > 1 and first.shape[0] == batch and batch != 1):
+        return None
+    leading_one = first.dim() > 1 and first.shape[0] == 1
+
+    def expand(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        if leading_one:
+            return t.expand(batch, *t.shape[1:])
+        return t.unsqueeze(0).expand(batch, *t.shape)
+
+    return expand
+
+
 class Controller:
     """Hooks on a model that record what the clipping needs; the model object is never replaced."""
 
@@ -58,6 +81,8 @@ class Controller:
         self._handler_hooks: list = []
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._on_trace: list = []
+        self._unbatched: set[int] = set()
+        self._pass_batch: int | None = None
 
     # ----------------------------------------------------------------------------- attach/detach
     def attach(self) -> None:
@@ -111,11 +136,13 @@ class Controller:
             with self.paused():
                 uses = trace_uses(self.model, self.params, args, kwargs)
             self.first_use_order = uses.order + [n for n in self.params if n not in uses.order]
+            self._unbatched = uses.unbatched_calls
             self._install(build_handlers(self.model, self.params, uses, self._fallback))
             self.traced = True
             for callback in self._on_trace:
                 callback(self)
         if torch.is_grad_enabled():
+            self._pass_batch = _batch_of(args, kwargs)
             self.passes.append({})
             if not self.param_grads:
                 self._set_requires_grad(False)
@@ -136,14 +163,29 @@ class Controller:
         def tap(module: nn.Module, args: tuple, kwargs: dict, output):
             if self._paused or not torch.is_grad_enabled() or not self.passes:
                 return None
-            batch = _batch_of(args, kwargs)
+            examples = self._pass_batch
+            broadcast = None
+            if id(module) in self._unbatched and examples is not None:
+                broadcast = _broadcaster(args, kwargs, examples)
+                if broadcast is not None:
+                    args, kwargs = tree_map(broadcast, (args, kwargs))
+            rows = _batch_of(args, kwargs)
+            if examples is None or rows is None:
+                examples = rows
+            if rows is not None and examples and rows % examples:
+                raise RuntimeError(
+                    f"{type(module).__name__} at '{handler.name}' got {rows} rows for a batch of {examples} "
+                    "examples; dpspeed cannot tell which rows belong to which example"
+                )
             leaves, spec = tree_flatten(output)
-            call = Call(args, kwargs)
+            call = Call(args, kwargs, rows_per_example=rows // examples if examples else 1)
             indices, shapes = [], []
             for i, leaf in enumerate(leaves):
                 if not (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()):
                     continue
-                if leaf.dim() == 0 or leaf.shape[0] != batch:
+                if broadcast is not None:
+                    leaf = leaves[i] = broadcast(leaf)
+                if leaf.dim() == 0 or leaf.shape[0] != rows:
                     if leaf.requires_grad and handler.uses_fallback:
                         raise RuntimeError(
                             f"{type(module).__name__} at '{handler.name}' returns a tensor without the batch "

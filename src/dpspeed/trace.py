@@ -19,10 +19,16 @@ from torch.utils._pytree import tree_flatten
 
 @dataclass
 class ParameterUses:
-    """For each parameter name, the modules that use it, and the order of first use."""
+    """For each parameter name, the modules that use it, and the order of first use; and the
+    modules called on inputs that do not come from the model's batched inputs (position ids)."""
 
     users: dict[str, list[nn.Module]] = field(default_factory=lambda: defaultdict(list))
     order: list[str] = field(default_factory=list)
+    unbatched_calls: set[int] = field(default_factory=set)  # ids of such modules
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
 def _local_names(module: nn.Module) -> dict[int, str]:
@@ -34,6 +40,15 @@ class _UseRecorder(TorchFunctionMode):
         super().__init__()
         self.params, self.stack, self.uses = params, stack, uses
         self._contents: dict[nn.Module, dict[int, str]] = {}
+        self._batched: set[int] = set()
+        self._alive: list[torch.Tensor] = []  # keeps ids unique while the trace runs
+
+    def mark_batched(self, tensors: list[torch.Tensor]) -> None:
+        self._batched.update(id(t) for t in tensors)
+        self._alive.extend(tensors)
+
+    def is_batched(self, tree) -> bool:
+        return any(id(t) in self._batched for t in _tensors(tree))
 
     def _user(self, param_id: int) -> nn.Module | None:
         for module in reversed(self.stack):
@@ -46,8 +61,11 @@ class _UseRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+        outputs = _tensors(out)
+        if not outputs:
             return out  # .shape, .dim() and the like are not uses
+        if self.is_batched((args, kwargs)):
+            self.mark_batched(outputs)
         for leaf in tree_flatten((args, kwargs))[0]:
             name = self.params.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
             if name is None:
@@ -65,21 +83,27 @@ def _rng_devices(model: nn.Module) -> list[int]:
 
 
 def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, kwargs: dict) -> ParameterUses:
-    """Run `model(*args, **kwargs)` once without gradients and with the RNG state restored after."""
+    """Run `model(*args, **kwargs)` once without gradients and with the RNG state restored after.
+
+    Tensors computed from the model's inputs are followed through every torch call, to tell which
+    modules see batched inputs."""
     uses = ParameterUses()
     stack: list[nn.Module] = []
     handles = []
 
-    def enter(module: nn.Module, args: tuple) -> None:
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         stack.append(module)
+        if module is not model and not recorder.is_batched((args, kwargs)):
+            uses.unbatched_calls.add(id(module))
 
     def leave(module: nn.Module, args: tuple, output) -> None:
         stack.pop()
 
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave, always_call=True))
     recorder = _UseRecorder({id(p): n for n, p in params.items()}, stack, uses)
+    recorder.mark_batched(_tensors((args, kwargs)))
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(module.register_forward_hook(leave, always_call=True))
     try:
         with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad(), recorder:
             model(*args, **kwargs)

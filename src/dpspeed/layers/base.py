@@ -17,6 +17,7 @@ class Call:
     kwargs: dict
     output_grads: list[torch.Tensor | None] = field(default_factory=list)
     output_spec: Any = None  # which output leaves were tapped (used by the functional fallback)
+    rows_per_example: int = 1  # > 1 when the module saw the batch flattened to (B * k, ...)
 
     @property
     def has_grads(self) -> bool:

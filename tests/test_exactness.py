@@ -1,0 +1,92 @@
+"""Every clipping mode, style and function against the one-example-at-a-time reference, sigma = 0."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from dpspeed.modes import MODES
+from models import Case, hf_cases, small_cases, timm_cases
+from reference import assert_close, per_example_grads, private_grads, reference_groups, reference_sum
+
+R = 0.3  # small enough that most examples are clipped
+STYLES = ["all-layer", "layer-wise", "param-wise", 2, "custom"]
+CASES = {**small_cases(), **timm_cases(), **hf_cases()}
+SMALL = set(small_cases())
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+_built: dict[str, tuple[Case, list]] = {}
+
+
+def built(name: str) -> tuple[Case, list]:
+    """The case and its per-example reference gradients, built once per session."""
+    if name not in _built:
+        torch.manual_seed(sum(map(ord, name)))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        case = CASES[name]()
+        case.model.double()
+        n = len(case.tensors[0])
+        examples = [tuple(t[i : i + 1] for t in case.tensors) for i in range(n)]
+        grads = {red: per_example_grads(case.model, lambda m, b: case.loss(m, b, "sum"), examples) for red in ["sum"]}
+        torch.set_default_dtype(previous)
+        _built[name] = (case, grads["sum"])
+    return _built[name]
+
+
+def combos(name: str):
+    """Small models: every combination. Larger ones: every style x function x reduction, with the
+    physical batch size and mode cycled, so every value of each is still covered."""
+    grid = list(itertools.product(STYLES, ["abadi", "automatic"], ["mean", "sum"]))
+    physicals, modes = [1, 3, None], list(MODES)
+    if name in SMALL:
+        return [(*g, p, m) for g in grid for p in physicals for m in modes]
+    return [(*g, physicals[i % 3], modes[i % len(modes)]) for i, g in enumerate(grid)]
+
+
+def check(name: str, style, fn: str, reduction: str, physical, mode: str) -> None:
+    case, grads = built(name)
+    names = list(grads[0])
+    if style == "custom":
+        style = [names[: len(names) // 2], names[len(names) // 2 :]]
+    got, engine = private_grads(
+        case.model, lambda m, b: case.loss(m, b, reduction), case.tensors, max_grad_norm=R, physical=physical,
+        clipping_style=style, clipping_fn=fn, loss_reduction=reduction, clipping_mode=mode,
+    )
+    groups = engine.grouping.groups if isinstance(style, int) else reference_groups(style, names)
+    engine.detach()
+    thresholds = [R / math.sqrt(len(groups))] * len(groups)
+    want = reference_sum(grads, groups, thresholds, fn)
+    if reduction == "mean":
+        want = {n: w / len(case.tensors[0]) for n, w in want.items()}
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_models_every_combination(name):
+    for combo in combos(name):
+        try:
+            check(name, *combo)
+        except AssertionError as err:
+            raise AssertionError(f"{name} {combo}: {err}") from err
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - SMALL))
+def test_library_models(name):
+    pytest.importorskip("timm" if name.startswith("timm") else "transformers")
+    for combo in combos(name):
+        try:
+            check(name, *combo)
+        except AssertionError as err:
+            raise AssertionError(f"{name} {combo}: {err}") from err
