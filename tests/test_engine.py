@@ -1,0 +1,204 @@
+"""The engine's contract: same model object, clean detach, clear errors, nothing half-attached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from dpspeed import PrivacyEngine, fix_model
+from models import SmallViT
+
+
+def _data(n=8):
+    return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,))), batch_size=4)
+
+
+def _private(model, **kw):
+    engine = PrivacyEngine()
+    options = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=_data(),
+                   noise_multiplier=1.0, max_grad_norm=1.0)
+    options.update(kw)
+    return engine, engine.make_private(**options)
+
+
+def _snapshot(model):
+    return {
+        "type": type(model), "keys": list(model.state_dict()),
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "forward_hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "attrs": [sorted(vars(m)) for m in model.modules()],
+    }
+
+
+def test_same_object_returned_and_detach_restores_everything():
+    torch.manual_seed(0)
+    model = SmallViT()
+    before = _snapshot(model)
+    x = torch.randn(2, 3, 8, 8)
+    out_before = model(x)
+    engine, (m, opt, crit, loader) = _private(model, criterion=nn.CrossEntropyLoss())
+    assert m is model and type(m) is SmallViT and list(m.state_dict()) == before["keys"]
+    for xb, yb in loader:
+        crit(m(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    engine.detach()
+    after = _snapshot(model)
+    assert after == before
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    model2 = SmallViT()
+    model2.load_state_dict(model.state_dict())
+    assert torch.allclose(model(x), model2(x))
+    assert out_before.shape == model(x).shape
+
+
+def test_no_autograd_weight_gradient_during_training():
+    """Parameters never receive autograd's (non-private) gradient: only the private one at step."""
+    torch.manual_seed(0)
+    model = SmallViT()
+    engine, (m, opt, loader) = _private(model, max_physical_batch_size=2)
+    for xb, yb in loader:
+        nn.functional.cross_entropy(m(xb), yb).backward()
+        assert all(p.grad is None for p in m.parameters())
+        opt.step()
+        if opt.is_last_physical_batch:
+            assert all(p.grad is not None for p in m.parameters())
+        opt.zero_grad()
+
+
+def test_every_trainable_parameter_gets_an_update():
+    torch.manual_seed(0)
+    model = SmallViT()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine, (m, opt, loader) = _private(model, noise_multiplier=0.0)
+    for xb, yb in loader:
+        nn.functional.cross_entropy(m(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p)]
+    assert not unchanged
+
+
+def test_frozen_parameters_are_left_alone():
+    torch.manual_seed(0)
+    model = SmallViT()
+    model.patch.weight.requires_grad_(False)
+    frozen = model.patch.weight.detach().clone()
+    engine, (m, opt, loader) = _private(model)
+    for xb, yb in loader:
+        nn.functional.cross_entropy(m(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(model.patch.weight, frozen) and not model.patch.weight.requires_grad
+
+
+def test_nonfinite_example_contributes_nothing_and_is_counted():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    x[1, 0] = float("inf")
+    loader = DataLoader(TensorDataset(x, torch.randn(4, 1)), batch_size=4)
+    engine = PrivacyEngine()
+    m, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                         data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6,
+                                         poisson_sampling=False, loss_reduction="sum")
+    for xb, yb in loader:
+        (m(xb) - yb).square().sum().backward()
+        opt.step()
+    keep = [0, 2, 3]
+    private = model.weight.grad.clone()
+    engine.detach()
+    ref = torch.autograd.grad((model(x[keep]) - loader.dataset.tensors[1][keep]).square().sum(), model.weight)[0]
+    assert engine.nonfinite_examples == 1
+    assert torch.allclose(private, ref, rtol=1e-5)
+
+
+def test_lr_scheduler_works_on_the_private_optimizer():
+    model = nn.Linear(3, 1)
+    engine, (m, opt, loader) = _private(model, data_loader=DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for (xb,) in loader:
+        m(xb).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+    assert opt.original_optimizer.param_groups[0]["lr"] < 0.1
+
+
+class _Iterable(IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(3)
+
+
+def _bad_cases():
+    other = nn.Linear(2, 2)
+    return {
+        "optimizer has foreign params": (dict(optimizer=torch.optim.SGD(other.parameters(), lr=0.1)), ValueError, "not in the model"),
+        "R <= 0": (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+        "sigma < 0": (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier"),
+        "thresholds wrong length": (dict(max_grad_norm=[1.0, 1.0], clipping_style="all-layer"), ValueError, "thresholds"),
+        "iterable dataset": (dict(data_loader=DataLoader(_Iterable(), batch_size=2)), TypeError, "IterableDataset"),
+        "unknown mode": (dict(clipping_mode="magic"), ValueError, "clipping_mode"),
+        "unknown style": (dict(clipping_style="row-wise"), ValueError, "clipping_style"),
+        "unknown function": (dict(clipping_fn="soft"), ValueError, "clipping_fn"),
+        "too many groups": (dict(clipping_style=99), ValueError, "groups"),
+        "param in two groups": (dict(clipping_style=[["0.weight", "0.bias"], ["0.bias"]]), ValueError, "exactly one"),
+        "param in no group": (dict(clipping_style=[["0.weight"]]), ValueError, "no clipping group"),
+        "unknown param in group": (dict(clipping_style=[["0.weight", "0.bias", "nope"]]), ValueError, "not a trainable"),
+        "reduction mismatch": (dict(criterion=nn.CrossEntropyLoss(reduction="sum")), ValueError, "agree"),
+        "bad reduction": (dict(loss_reduction="max"), ValueError, "loss_reduction"),
+        "bad physical batch": (dict(max_physical_batch_size=0), ValueError, "max_physical_batch_size"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_cases()))
+def test_bad_input_is_refused_and_model_unchanged(case):
+    overrides, error, match = _bad_cases()[case]
+    model = nn.Sequential(nn.Linear(3, 2))
+    before = _snapshot(model)
+    options = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    options.update(overrides)
+    with pytest.raises(error, match=match):
+        _private(model, **options)
+    assert _snapshot(model) == before
+    _private(model)  # still attachable after a refusal
+
+
+def test_make_private_twice_is_refused():
+    model = nn.Linear(3, 2)
+    _private(model)
+    with pytest.raises(ValueError, match="already"):
+        _private(model)
+
+
+def test_batchnorm_points_to_fix_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="fix_model"):
+        _private(model)
+    fixed = fix_model(model)
+    assert isinstance(fixed[1], nn.GroupNorm) and fixed[1].num_groups == 4
+    _private(fixed)
+
+
+def test_int_style_groups_follow_first_use_not_registration():
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late, self.early, self.middle = nn.Linear(4, 2), nn.Linear(3, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.late(self.middle(self.early(x)))
+
+    model = Reversed()
+    engine = PrivacyEngine()
+    loader = DataLoader(TensorDataset(torch.randn(4, 3)), batch_size=2)
+    m, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0, clipping_style=2)
+    (xb,) = next(iter(loader))
+    m(xb).sum().backward()
+    assert engine.grouping.groups == [["early.weight", "early.bias", "middle.weight", "middle.bias"],
+                                      ["late.weight", "late.bias"]]

@@ -1,0 +1,115 @@
+"""Each layer rule, and the fallback, alone: every mode against the one-example reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dpspeed.modes import MODES
+from reference import assert_close, per_example_grads, private_grads, reference_groups, reference_sum
+
+
+class Scaled(nn.Module):
+    """A module with a bare parameter and no rule: the torch.func fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x) * self.scale)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention uses out_proj.weight inside its own forward, not out_proj's."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _frozen_bias() -> nn.Module:
+    layer = nn.Linear(4, 3)
+    layer.bias.requires_grad_(False)
+    return layer
+
+
+def _std_conv() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    return timm.layers.StdConv2d(2, 4, 3, padding=1)
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(4, 3), (5, 4)),
+    "linear_3d": (lambda: nn.Linear(4, 3), (5, 2, 3, 4)),
+    "linear_no_bias": (lambda: nn.Linear(4, 3, bias=False), (5, 4)),
+    "linear_frozen_bias": (_frozen_bias, (5, 4)),
+    "conv1d": (lambda: nn.Conv1d(2, 4, 3, stride=2, padding=1), (5, 2, 9)),
+    "conv2d_same_dilated": (lambda: nn.Conv2d(2, 4, 3, padding="same", dilation=2), (5, 2, 7, 7)),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, (3, 2), groups=2, stride=(2, 1)), (5, 4, 7, 6)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 8, 3, groups=4, padding=1), (5, 4, 6, 6)),
+    "conv2d_reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (5, 2, 6, 6)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1)), (5, 2, 4, 5, 3)),
+    "layernorm": (lambda: nn.LayerNorm((3, 4)), (5, 2, 3, 4)),
+    "rmsnorm": (lambda: nn.RMSNorm(4), (5, 3, 4)),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3)),
+    "instancenorm": (lambda: nn.InstanceNorm2d(3, affine=True), (5, 3, 4, 4)),
+    "std_conv2d": (_std_conv, (5, 2, 5, 5)),
+    "fallback_bare_param": (Scaled, (5, 4)),
+    "multihead_attention": (Attention, (5, 3, 4)),
+}
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _loss(weights: torch.Tensor, reduction: str):
+    def loss(model, batch):
+        per_example = (model(batch[0]) * weights).flatten(1).sum(1) ** 2
+        return per_example.mean() if reduction == "mean" else per_example.sum()
+    return loss
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_layer(name, mode):
+    torch.manual_seed(0)
+    build, shape = LAYERS[name]
+    model = build().double()
+    x = torch.randn(*shape)
+    weights = torch.randn(model(x).shape[1:])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = per_example_grads(model, _loss(weights, "sum"), [(x[i : i + 1],) for i in range(len(x))])
+    for style in ["all-layer", "param-wise"]:
+        groups = reference_groups(style, names)
+        for reduction, physical in [("mean", 2), ("sum", None)]:
+            got, engine = private_grads(model, _loss(weights, reduction), (x,), max_grad_norm=0.5, physical=physical,
+                                        clipping_mode=mode, clipping_style=style, loss_reduction=reduction)
+            engine.detach()
+            want = reference_sum(grads, groups, [0.5 / len(groups) ** 0.5] * len(groups), "abadi")
+            if reduction == "mean":
+                want = {n: w / len(x) for n, w in want.items()}
+            assert_close(got, want, 1e-6)
+
+
+def test_embedding_with_padding_idx():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)).double()
+    ids = torch.randint(0, 7, (6, 4))
+    ids[0, :2] = 0
+    loss = lambda m, b: m(b[0]).square().sum()
+    grads = per_example_grads(model, loss, [(ids[i : i + 1],) for i in range(6)])
+    names = list(grads[0])
+    for mode in MODES:
+        got, engine = private_grads(model, loss, (ids,), max_grad_norm=0.5, clipping_mode=mode, loss_reduction="sum")
+        engine.detach()
+        assert_close(got, reference_sum(grads, [names], [0.5], "abadi"), 1e-6)
