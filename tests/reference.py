@@ -83,6 +83,6 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rt
     assert set(got) == set(want), (sorted(got), sorted(want))
     flat_got = torch.cat([got[n].double().flatten() for n in want])
     flat_want = torch.cat([want[n].double().flatten() for n in want])
-    err = float((flat_got - flat_want).norm() / flat_want.norm().clamp_min(1e-30))
+    err = float((flat_got - flat_want).detach().norm() / flat_want.norm().clamp_min(1e-30))
     worst = max(want, key=lambda n: float((got[n].double() - want[n].double()).norm() / want[n].double().norm().clamp_min(1e-30)))
     assert err <= rtol, f"relative error {err:.3g} > {rtol} (worst parameter: {worst})"

@@ -3,6 +3,9 @@ Gaussian steps, turned into (epsilon, delta) by its PLD or RDP accountant."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -48,7 +51,8 @@ class Accountant:
         accountant = _fresh(self.kind)
         for sigma, rate, steps in self.history:
             accountant.compose(dp_event(sigma, rate, steps))
-        return float(accountant.get_epsilon(delta))
+        with _quiet_absl():
+            return float(accountant.get_epsilon(delta))
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "history": [list(run) for run in self.history]}
@@ -64,13 +68,33 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     if not 0 < delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {delta}")
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            lambda: _fresh(kind),
-            lambda sigma: dp_event(sigma, sample_rate, steps),
-            target_epsilon,
-            delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(0.05, 1.0),
-            tol=1e-4,
+    def calibrate(accountant: str, bracket) -> float:
+        return float(
+            dp_accounting.calibrate_dp_mechanism(
+                lambda: _fresh(accountant),
+                lambda sigma: dp_event(sigma, sample_rate, steps),
+                target_epsilon,
+                delta,
+                bracket_interval=bracket,
+                tol=1e-4,
+            )
         )
-    )
+
+    with _quiet_absl():
+        # RDP is fast and never below PLD's answer: it brackets the (slower, tighter) PLD search
+        upper = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
+        if kind == "rdp":
+            return upper
+        return calibrate("pld", dp_accounting.ExplicitBracketInterval(0.5 * upper, upper * 1.0001))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting logs a warning for every RDP order it drops; keep them out of the user's log."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)

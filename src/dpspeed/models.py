@@ -1,0 +1,40 @@
+"""Built-in models for `dpspeed train` and `dpspeed bench`, and timm models by name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def small_cnn(in_channels: int = 1, classes: int = 10) -> nn.Module:
+    """Two convolutions with GroupNorm and tanh (tempered activations suit DP), then a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Tanh(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, classes),
+    )
+
+
+def mlp(in_features: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 128), nn.Tanh(), nn.Linear(128, classes))
+
+
+BUILTIN = ("small_cnn", "mlp")
+
+
+def build(name: str, in_channels: int, image_size: int, classes: int) -> nn.Module:
+    """A built-in model by name, or `timm:NAME` with random weights."""
+    if name == "small_cnn":
+        return small_cnn(in_channels, classes)
+    if name == "mlp":
+        return mlp(in_channels * image_size * image_size, classes)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as err:
+            raise ValueError("timm models need timm: pip install timm") from err
+        options = dict(pretrained=False, num_classes=classes, in_chans=in_channels)
+        try:
+            return timm.create_model(name[5:], img_size=image_size, **options)
+        except TypeError:  # models without an image size argument (CNNs)
+            return timm.create_model(name[5:], **options)
+    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or timm:NAME")
