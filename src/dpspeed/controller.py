@@ -17,8 +17,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .handlers import Handler, build_handlers
-from .layers.base import Call
+from .layers.base import Call, LayerRule
 from .layers.functional import FunctionalRule
+from .layers.param_ops import OpTapRecorder, OpUse, ParameterOpRule
+from .layers.registry import RULE_TYPES
 from .trace import trace_uses
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Controller:
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._on_trace: list = []
         self._unbatched: set[int] = set()
+        self._root_enter = None
         self._pass_batch: int | None = None
 
     # ----------------------------------------------------------------------------- attach/detach
@@ -104,16 +107,20 @@ class Controller:
         """Call `callback(controller)` once the first forward pass has been traced."""
         self._on_trace.append(callback)
 
-    def _fallback(self) -> FunctionalRule:
-        return FunctionalRule(self.paused)
+    def _fallback(self, direct: bool) -> LayerRule:
+        return ParameterOpRule(self.paused) if direct else FunctionalRule(self.paused)
 
     def _install(self, handlers: list[Handler]) -> None:
         for handle in self._handler_hooks:
             handle.remove()
         self.handlers = handlers
-        self._handler_hooks = [
-            h.module.register_forward_hook(self._make_tap(h), with_kwargs=True) for h in handlers
-        ]
+        self._handler_hooks = []
+        self._root_enter = None
+        for h in handlers:
+            if isinstance(h.rule, ParameterOpRule):
+                self._handler_hooks += self._make_op_recording(h)
+            else:
+                self._handler_hooks.append(h.module.register_forward_hook(self._make_tap(h), with_kwargs=True))
 
     @contextlib.contextmanager
     def paused(self):
@@ -132,7 +139,8 @@ class Controller:
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused:
             return
-        if not self.traced:
+        just_traced = not self.traced
+        if just_traced:
             with self.paused():
                 uses = trace_uses(self.model, self.params, args, kwargs)
             self.first_use_order = uses.order + [n for n in self.params if n not in uses.order]
@@ -146,6 +154,8 @@ class Controller:
             self.passes.append({})
             if not self.param_grads:
                 self._set_requires_grad(False)
+        if just_traced and self._root_enter is not None:
+            self._root_enter(module, args, kwargs)  # hooks added during this call do not run in it
 
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self._paused and not self.param_grads:
@@ -159,9 +169,49 @@ class Controller:
         anchor.grad = None
         return anchor
 
+    def _tap_leaves(self, handler: Handler, call: Call, leaves: list, rows: int | None, broadcast=None) -> list:
+        """Hook the gradient of every output leaf with one row per example (or per flattened row)."""
+        indices, shapes = [], []
+        for i, leaf in enumerate(leaves):
+            if not (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()):
+                continue
+            if broadcast is not None:
+                leaf = leaves[i] = broadcast(leaf)
+            if leaf.dim() == 0 or leaf.shape[0] != rows:
+                if leaf.requires_grad and not isinstance(handler.rule, RULE_TYPES):
+                    raise RuntimeError(
+                        f"{type(handler.module).__name__} at '{handler.name}' returns a tensor without the batch "
+                        f"dimension (shape {tuple(leaf.shape)}); the per-sample gradients of "
+                        f"{sorted(handler.params.values())} cannot be computed exactly"
+                    )
+                continue
+            if not leaf.requires_grad:
+                leaf = leaves[i] = leaf + self._anchor(leaf.device)
+            slot = len(call.output_grads)
+            call.output_grads.append(None)
+            leaf.register_hook(lambda g, call=call, slot=slot: call.output_grads.__setitem__(slot, g))
+            indices.append(i)
+            shapes.append((leaf.shape, leaf.dtype, leaf.device))
+        call.output_spec = TapSpec(indices, shapes)
+        self.passes[-1].setdefault(handler, []).append(call)
+        return leaves
+
+    def _rows_per_example(self, handler: Handler, rows: int | None, examples: int | None) -> int:
+        if rows is None or not examples:
+            return 1
+        if rows % examples:
+            raise RuntimeError(
+                f"{type(handler.module).__name__} at '{handler.name}' got {rows} rows for a batch of {examples} "
+                "examples; dpspeed cannot tell which rows belong to which example"
+            )
+        return rows // examples
+
+    def _recording(self) -> bool:
+        return not self._paused and torch.is_grad_enabled() and bool(self.passes)
+
     def _make_tap(self, handler: Handler):
         def tap(module: nn.Module, args: tuple, kwargs: dict, output):
-            if self._paused or not torch.is_grad_enabled() or not self.passes:
+            if not self._recording():
                 return None
             examples = self._pass_batch
             broadcast = None
@@ -170,42 +220,41 @@ class Controller:
                 if broadcast is not None:
                     args, kwargs = tree_map(broadcast, (args, kwargs))
             rows = _batch_of(args, kwargs)
-            if examples is None or rows is None:
-                examples = rows
-            if rows is not None and examples and rows % examples:
-                raise RuntimeError(
-                    f"{type(module).__name__} at '{handler.name}' got {rows} rows for a batch of {examples} "
-                    "examples; dpspeed cannot tell which rows belong to which example"
-                )
+            call = Call(args, kwargs, rows_per_example=self._rows_per_example(handler, rows, examples or rows))
             leaves, spec = tree_flatten(output)
-            call = Call(args, kwargs, rows_per_example=rows // examples if examples else 1)
-            indices, shapes = [], []
-            for i, leaf in enumerate(leaves):
-                if not (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()):
-                    continue
-                if broadcast is not None:
-                    leaf = leaves[i] = broadcast(leaf)
-                if leaf.dim() == 0 or leaf.shape[0] != rows:
-                    if leaf.requires_grad and handler.uses_fallback:
-                        raise RuntimeError(
-                            f"{type(module).__name__} at '{handler.name}' returns a tensor without the batch "
-                            f"dimension (shape {tuple(leaf.shape)}); the per-sample gradients of "
-                            f"{sorted(handler.params.values())} cannot be computed exactly"
-                        )
-                    continue
-                if not leaf.requires_grad:
-                    leaf = leaf + self._anchor(leaf.device)
-                    leaves[i] = leaf
-                slot = len(call.output_grads)
-                call.output_grads.append(None)
-                leaf.register_hook(lambda g, call=call, slot=slot: call.output_grads.__setitem__(slot, g))
-                indices.append(i)
-                shapes.append((leaf.shape, leaf.dtype, leaf.device))
-            call.output_spec = TapSpec(indices, shapes)
-            self.passes[-1].setdefault(handler, []).append(call)
-            return tree_unflatten(leaves, spec)
+            return tree_unflatten(self._tap_leaves(handler, call, leaves, rows, broadcast), spec)
 
         return tap
+
+    def _make_op_recording(self, handler: Handler) -> list:
+        """Hooks that record the ops using a module's bare parameters while its forward runs."""
+        params = {id(handler.module.get_parameter(n)): n for n in handler.params}
+        modes: list[OpTapRecorder] = []
+
+        def on_use(use: OpUse, leaves: list) -> list:
+            rows = next((t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+            use.rows_per_example = self._rows_per_example(handler, rows, self._pass_batch or rows)
+            return self._tap_leaves(handler, use, leaves, rows)
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._recording():
+                inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                modes.append(OpTapRecorder(params, inputs, on_use))
+                modes[-1].__enter__()
+            else:
+                modes.append(None)
+
+        def leave(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            mode = modes.pop() if modes else None
+            if mode is not None:
+                mode.__exit__(None, None, None)
+
+        if handler.module is self.model:
+            self._root_enter = enter
+        return [
+            handler.module.register_forward_pre_hook(enter, with_kwargs=True),
+            handler.module.register_forward_hook(leave, with_kwargs=True, always_call=True),
+        ]
 
     # ----------------------------------------------------------------------------- consumption
     def take_passes(self) -> list[Pass]:

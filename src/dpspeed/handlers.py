@@ -8,7 +8,6 @@ from typing import Callable
 from torch import nn
 
 from .layers.base import LayerRule
-from .layers.functional import FunctionalRule
 from .layers.registry import RULE_PARAMS, rule_for
 from .trace import ParameterUses
 
@@ -23,10 +22,6 @@ class Handler:
     rule: LayerRule
     params: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def uses_fallback(self) -> bool:
-        return isinstance(self.rule, FunctionalRule)
-
 
 def _owner(model: nn.Module, param: nn.Parameter) -> tuple[str, nn.Module, str]:
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -40,7 +35,7 @@ def build_handlers(
     model: nn.Module,
     params: dict[str, nn.Parameter],
     uses: ParameterUses | None,
-    fallback: Callable[[], FunctionalRule],
+    fallback: Callable[[bool], LayerRule],
 ) -> list[Handler]:
     """One handler per module that uses trainable parameters; owners when nothing was traced."""
     names_of = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
@@ -57,9 +52,9 @@ def build_handlers(
     handlers = []
     for module, names in placements.items():
         rule = rule_for(module)
-        direct = all("." not in n and n in RULE_PARAMS for n in names)
-        if rule is None or not direct:
-            rule = fallback()
+        direct = all("." not in n for n in names)
+        if rule is None or not all(n in RULE_PARAMS for n in names) or not direct:
+            rule = fallback(direct)
         else:
             rule.validate(module)
         handlers.append(Handler(module, names_of.get(id(module), ""), rule, dict(sorted(names.items()))))

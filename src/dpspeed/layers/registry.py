@@ -26,6 +26,10 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     return _RULES.get(type(module))
 
 
+#: rules of known layer types (every other handler is a fallback)
+RULE_TYPES = (LinearRule, ConvRule, EmbeddingRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule)
+
+
 for _t in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
     register_rule(_t, LinearRule())
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
