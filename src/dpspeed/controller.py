@@ -249,12 +249,26 @@ class Controller:
             if mode is not None:
                 mode.__exit__(None, None, None)
 
+        def child_enter(child: nn.Module, args: tuple, kwargs: dict) -> None:
+            if modes and modes[-1] is not None:
+                modes[-1].suspend()
+
+        def child_leave(child: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if modes and modes[-1] is not None:
+                tensors = lambda tree: [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+                modes[-1].resume(tensors((args, kwargs)), tensors(output))
+
         if handler.module is self.model:
             self._root_enter = enter
-        return [
+        hooks = [
             handler.module.register_forward_pre_hook(enter, with_kwargs=True),
             handler.module.register_forward_hook(leave, with_kwargs=True, always_call=True),
         ]
+        if handler.own_code_only:
+            for child in handler.module.children():
+                hooks.append(child.register_forward_pre_hook(child_enter, with_kwargs=True))
+                hooks.append(child.register_forward_hook(child_leave, with_kwargs=True, always_call=True))
+        return hooks
 
     # ----------------------------------------------------------------------------- consumption
     def take_passes(self) -> list[Pass]:

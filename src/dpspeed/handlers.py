@@ -21,6 +21,8 @@ class Handler:
     name: str
     rule: LayerRule
     params: dict[str, str] = field(default_factory=dict)
+    #: the parameters are used in this module's own code, never while one of its children runs
+    own_code_only: bool = False
 
 
 def _owner(model: nn.Module, param: nn.Parameter) -> tuple[str, nn.Module, str]:
@@ -57,5 +59,6 @@ def build_handlers(
             rule = fallback(direct)
         else:
             rule.validate(module)
-        handlers.append(Handler(module, names_of.get(id(module), ""), rule, dict(sorted(names.items()))))
+        own = uses is not None and all(module in uses.direct_users.get(g, ()) for g in names.values())
+        handlers.append(Handler(module, names_of.get(id(module), ""), rule, dict(sorted(names.items())), own))
     return handlers

@@ -25,6 +25,8 @@ class ParameterUses:
     users: dict[str, list[nn.Module]] = field(default_factory=lambda: defaultdict(list))
     order: list[str] = field(default_factory=list)
     unbatched_calls: set[int] = field(default_factory=set)  # ids of such modules
+    #: parameter -> modules that used it in their own code (no child running), at every use
+    direct_users: dict[str, list[nn.Module]] = field(default_factory=dict)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -75,6 +77,9 @@ class _UseRecorder(TorchFunctionMode):
             user = self._user(id(leaf))
             if user is not None and user not in self.uses.users[name]:
                 self.uses.users[name].append(user)
+            direct = self.uses.direct_users.setdefault(name, [self.stack[-1]] if self.stack else [])
+            if not self.stack or self.stack[-1] not in direct:
+                self.uses.direct_users[name] = []  # used inside a child at least once
         return out
 
 

@@ -25,9 +25,14 @@ def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """sum_i factors[i] * g_i^T a_i for a (B, T, d), g (B, T, p): one (p, BT) x (BT, d) product."""
-    scaled = g * factors.to(g.dtype).view(-1, 1, 1)
-    return to_acc(scaled.reshape(-1, g.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1])))
+    """sum_i factors[i] * g_i^T a_i for a (B, T, d), g (B, T, p): one (p, BT) x (BT, d) product,
+    the factors folded into the smaller of the two operands."""
+    column = factors.to(g.dtype).view(-1, 1, 1)
+    if a.shape[-1] < g.shape[-1]:
+        a = a * column
+    else:
+        g = g * column
+    return to_acc(torch.mm(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1])))
 
 
 def bias_terms(g: torch.Tensor) -> torch.Tensor:

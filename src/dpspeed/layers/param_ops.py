@@ -51,6 +51,17 @@ class OpTapRecorder(TorchFunctionMode):
         self._alive: list[torch.Tensor] = list(inputs)  # keeps ids unique while the module runs
         self.batch = next((t.shape[0] for t in inputs if t.dim() > 0), None)
 
+    def suspend(self) -> None:
+        """Stop watching (while a child module runs: the parameters are used in this module's own code)."""
+        self.__exit__(None, None, None)
+
+    def resume(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Watch again; a child's outputs are batched when any of its inputs was."""
+        if any(id(t) in self._batched for t in inputs):
+            self._batched.update(id(t) for t in outputs)
+            self._alive.extend(outputs)
+        self.__enter__()
+
     def _recipe(self, leaf) -> Recipe | None:
         if not isinstance(leaf, torch.Tensor):
             return None

@@ -22,8 +22,13 @@ def register_rule(module_type: type, rule: LayerRule) -> None:
     _RULES[module_type] = rule
 
 
+#: classes of other libraries with the same maths as a torch layer, by qualified name (no import)
+_RULES_BY_NAME: dict[str, LayerRule] = {}
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    return _RULES.get(type(module))
+    cls = type(module)
+    return _RULES.get(cls) or _RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 #: rules of known layer types (every other handler is a fallback)
@@ -40,3 +45,5 @@ register_rule(nn.RMSNorm, RMSNormRule())
 register_rule(nn.GroupNorm, GroupNormRule())
 for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_t, InstanceNormRule())
+# timm's LayerNorm is nn.LayerNorm with an optional fused kernel: F.layer_norm over the last dims
+_RULES_BY_NAME["timm.layers.norm.LayerNorm"] = LayerNormRule()
