@@ -25,7 +25,7 @@ import dpspeed
 from dpspeed import PrivacyEngine
 from dpspeed.models import small_cnn
 
-MODES = ["per-example", "bk", "bk-mix-ghost", "bk-mix-opt"]
+MODES = ["per-example", "bk", "bk-mix-ghost", "bk-mix-opt", "auto"]
 
 
 def build(name: str, image_size: int, classes: int) -> torch.nn.Module:

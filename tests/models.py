@@ -17,6 +17,7 @@ class Case:
     model: nn.Module
     tensors: tuple[torch.Tensor, ...]
     loss: Callable[[nn.Module, tuple, str], torch.Tensor]  # (model, batch, reduction) -> loss
+    forward: Callable | None = None  # (model, inputs) -> logits, where not model(inputs)
 
 
 def classify(model: nn.Module, batch: tuple, reduction: str) -> torch.Tensor:
@@ -169,6 +170,7 @@ def hf_cases(n: int = 4) -> dict[str, Callable[[], Case]]:
         def loss(m, batch, reduction):
             return F.cross_entropy(m(input_ids=batch[0]).logits, batch[1], reduction=reduction)
 
-        return Case("hf_bert", model, (torch.randint(0, 23, (n, 7)), torch.randint(0, 3, (n,))), loss)
+        return Case("hf_bert", model, (torch.randint(0, 23, (n, 7)), torch.randint(0, 3, (n,))), loss,
+                    forward=lambda m, ids: m(input_ids=ids).logits)
 
     return {"hf_gpt2": gpt2, "hf_bert": bert}

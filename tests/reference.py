@@ -59,16 +59,22 @@ def reference_sum(per_example: list[dict[str, torch.Tensor]], groups: list[list[
     return total
 
 
-def private_grads(model: nn.Module, loss_fn: LossFn, tensors: tuple[torch.Tensor, ...], *, max_grad_norm=1.0,
-                  physical: int | None = None, **options) -> tuple[dict[str, torch.Tensor], PrivacyEngine]:
-    """The gradient dpspeed hands the optimizer after one logical batch of all `tensors`, sigma = 0."""
+def private_grads(model: nn.Module, loss_fn: LossFn | None, tensors: tuple[torch.Tensor, ...], *, max_grad_norm=1.0,
+                  physical: int | None = None, forward=None, **options) -> tuple[dict[str, torch.Tensor], PrivacyEngine]:
+    """The gradient dpspeed hands the optimizer after one logical batch of all `tensors`, sigma = 0.
+    Without `loss_fn`, the criterion make_private returns is applied to forward(model, inputs)."""
     loader = DataLoader(TensorDataset(*tensors), batch_size=len(tensors[0]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     engine = PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
+    private = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
         max_grad_norm=max_grad_norm, max_physical_batch_size=physical, poisson_sampling=False, **options,
     )
+    if loss_fn is None:
+        model, optimizer, criterion, loader = private
+        loss_fn = lambda m, b: criterion((forward or (lambda m_, x: m_(x)))(m, b[0]), b[1])
+    else:
+        model, optimizer, loader = private
     grads = None
     for batch in loader:
         loss_fn(model, tuple(batch)).backward()

@@ -152,6 +152,8 @@ def _bad_cases():
         "reduction mismatch": (dict(criterion=nn.CrossEntropyLoss(reduction="sum")), ValueError, "agree"),
         "bad reduction": (dict(loss_reduction="max"), ValueError, "loss_reduction"),
         "bad physical batch": (dict(max_physical_batch_size=0), ValueError, "max_physical_batch_size"),
+        "ghost without criterion": (dict(clipping_mode="ghost"), ValueError, "criterion"),
+        "ghost with groups": (dict(clipping_mode="mix-ghost", clipping_style="param-wise", criterion=nn.CrossEntropyLoss()), ValueError, "all-layer"),
     }
 
 
@@ -202,3 +204,13 @@ def test_int_style_groups_follow_first_use_not_registration():
     m(xb).sum().backward()
     assert engine.grouping.groups == [["early.weight", "early.bias", "middle.weight", "middle.bias"],
                                       ["late.weight", "late.bias"]]
+
+
+def test_ghost_mode_without_the_returned_criterion_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(3, 2))
+    engine, (m, opt, crit, loader) = _private(model, clipping_mode="ghost", criterion=nn.CrossEntropyLoss(),
+                                              data_loader=DataLoader(TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=4))
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(m(x), y).backward()
+    with pytest.raises(RuntimeError, match="criterion returned by make_private"):
+        opt.step()

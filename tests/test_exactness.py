@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dpspeed.modes import MODES
+from dpspeed.ghost import TWO_PASS_MODES
 from models import Case, hf_cases, small_cases, timm_cases
 from reference import assert_close, per_example_grads, private_grads, reference_groups, reference_sum
 
@@ -49,7 +50,7 @@ def combos(name: str):
     """Small models: every combination. Larger ones: every style x function x reduction, with the
     physical batch size and mode cycled, so every value of each is still covered."""
     grid = list(itertools.product(STYLES, ["abadi", "automatic"], ["mean", "sum"]))
-    physicals, modes = [1, 3, None], list(MODES)
+    physicals, modes = [1, 3, None], [*MODES, "auto"]
     if name in SMALL:
         return [(*g, p, m) for g in grid for p in physicals for m in modes]
     return [(*g, physicals[i % 3], modes[i % len(modes)]) for i, g in enumerate(grid)]
@@ -90,3 +91,27 @@ def test_library_models(name):
             check(name, *combo)
         except AssertionError as err:
             raise AssertionError(f"{name} {combo}: {err}") from err
+
+
+CLASSIFIERS = ["mlp", "cnn", "vit", "timm_vit_tiny", "timm_bit", "timm_convnext_atto", "hf_bert"]
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("mode", TWO_PASS_MODES)
+def test_two_pass_ghost_modes(name, mode):
+    """ghost and mix-ghost: the returned criterion makes both passes; all-layer clipping."""
+    if name.startswith(("timm", "hf")):
+        pytest.importorskip("timm" if name.startswith("timm") else "transformers")
+    case, grads = built(name)
+    n = len(case.tensors[0])
+    for fn, reduction, physical in [("abadi", "mean", 1), ("automatic", "sum", 3), ("abadi", "sum", None), ("automatic", "mean", None)]:
+        criterion = torch.nn.CrossEntropyLoss(reduction=reduction)
+        got, engine = private_grads(
+            case.model, None, case.tensors, max_grad_norm=R, physical=physical, clipping_mode=mode,
+            clipping_fn=fn, loss_reduction=reduction, criterion=criterion, forward=case.forward,
+        )
+        engine.detach()
+        want = reference_sum(grads, [list(grads[0])], [R], fn)
+        if reduction == "mean":
+            want = {k: w / n for k, w in want.items()}
+        assert_close(got, want, 1e-5)

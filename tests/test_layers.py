@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from dpspeed.modes import MODES
+
+MODES = [*MODES, "auto"]
 from reference import assert_close, per_example_grads, private_grads, reference_groups, reference_sum
 
 

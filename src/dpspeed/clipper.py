@@ -70,15 +70,29 @@ def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
     return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example)
 
 
-def clip_pass(
+@dataclass
+class PassFactors:
+    """One pass after its norms: each group's clipping factor per example, and what the sums need."""
+
+    calls: dict[Handler, list[Call]]
+    methods: dict[Handler, LayerMethod]
+    explicit: dict[str, torch.Tensor]
+    factors: torch.Tensor  # (groups, batch), already scaled back to the recorded gradients
+    batch: int
+    nonfinite: int
+
+
+@torch.no_grad()
+def clip_factors(
     recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser
-) -> ClippedPass:
-    """Clip each example of one pass per group and sum. With a mean-reduced loss the recorded
-    gradients carry a 1/batch factor, undone so each example's gradient is that of its own loss."""
+) -> PassFactors | None:
+    """Per-example norms of every group and their clipping factors; None for an empty pass. With a
+    mean-reduced loss the recorded gradients carry a 1/batch factor, undone so that each example's
+    gradient is that of its own loss."""
     calls = {h: [c for c in cs if c.has_grads] for h, cs in recorded.items()}
     calls = {h: cs for h, cs in calls.items() if cs}
     if not calls:
-        return ClippedPass({}, 0, 0)
+        return None
     users: dict[str, int] = {}
     for handler in calls:
         for name in handler.params.values():
@@ -86,9 +100,12 @@ def clip_pass(
     first = next(iter(calls.values()))[0]
     batch = batch_size(first) // first.rows_per_example
     if batch == 0:
-        return ClippedPass({}, 0, 0)
+        return None
     loss_scale = float(batch) if loss_reduction == "mean" else 1.0
 
+    prepare = getattr(choose, "prepare", None)
+    if prepare is not None:
+        prepare(calls)
     methods: dict[Handler, LayerMethod] = {}
     for handler, cs in calls.items():
         shared = len(cs) > 1 or any(users[n] > 1 for n in handler.params.values())
@@ -127,26 +144,42 @@ def clip_pass(
         factors = torch.where(finite, factors, torch.zeros_like(factors))
         explicit = {n: _zero_rows(Call((g,), {}, [g]), finite).args[0] for n, g in explicit.items()}
         calls = {h: [_zero_rows(c, finite) for c in cs] for h, cs in calls.items()}
+    return PassFactors(calls, methods, explicit, factors, batch, nonfinite)
+
+
+@torch.no_grad()
+def clipped_sums(pf: PassFactors, grouping: Grouping) -> dict[str, torch.Tensor]:
+    """sum_i C_i g_i per parameter: from explicit gradients where kept, by book-keeping elsewhere."""
 
     def factor(name: str) -> torch.Tensor:
-        return factors[grouping.group_of[name]]
+        return pf.factors[grouping.group_of[name]]
 
     sums: dict[str, torch.Tensor] = {}
 
     def add_sum(name: str, value: torch.Tensor) -> None:
         sums[name] = sums[name] + value if name in sums else value
 
-    reused = {n for h in calls if methods[h].reuse and not methods[h].ghost_norm for n in h.params.values()}
-    for name in reused:
-        add_sum(name, weighted_sum(factor(name), explicit[name]))
-    for handler, cs in calls.items():
-        if methods[handler].reuse and not methods[handler].ghost_norm:
+    reuses = {h for h in pf.calls if pf.methods[h].reuse and not pf.methods[h].ghost_norm}
+    for name in {n for h in reuses for n in h.params.values()}:
+        add_sum(name, weighted_sum(factor(name), pf.explicit[name]))
+    for handler, cs in pf.calls.items():
+        if handler in reuses:
             continue
         local_factors = {n: factor(g) for n, g in handler.params.items()}
         for call in cs:
             for n, s in _clipped_sum(handler, call, local_factors).items():
                 add_sum(handler.params[n], s)
-    return ClippedPass(sums, batch, nonfinite)
+    return sums
+
+
+def clip_pass(
+    recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser
+) -> ClippedPass:
+    """Clip each example of one pass per group and sum."""
+    pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose)
+    if pf is None:
+        return ClippedPass({}, 0, 0)
+    return ClippedPass(clipped_sums(pf, grouping), pf.batch, pf.nonfinite)
 
 
 def _device(tensors: dict[str, torch.Tensor]) -> torch.device:

@@ -86,6 +86,8 @@ class Controller:
         self._unbatched: set[int] = set()
         self._root_enter = None
         self._pass_batch: int | None = None
+        self._tapped: list[torch.Tensor] = []  # the recorded outputs, kept for the two-pass modes
+        self.on_grad = None  # called with (handler, call) as each output gradient arrives
 
     # ----------------------------------------------------------------------------- attach/detach
     def attach(self) -> None:
@@ -187,14 +189,21 @@ class Controller:
                 continue
             if not leaf.requires_grad:
                 leaf = leaves[i] = leaf + self._anchor(leaf.device)
+            if self.param_grads:
+                self._tapped.append(leaf)
             slot = len(call.output_grads)
             call.output_grads.append(None)
-            leaf.register_hook(lambda g, call=call, slot=slot: call.output_grads.__setitem__(slot, g))
+            leaf.register_hook(lambda g, call=call, slot=slot: self._arrived(handler, call, slot, g))
             indices.append(i)
             shapes.append((leaf.shape, leaf.dtype, leaf.device))
         call.output_spec = TapSpec(indices, shapes)
         self.passes[-1].setdefault(handler, []).append(call)
         return leaves
+
+    def _arrived(self, handler: Handler, call: Call, slot: int, grad: torch.Tensor) -> None:
+        call.output_grads[slot] = grad
+        if self.on_grad is not None:
+            self.on_grad(handler, call)
 
     def _rows_per_example(self, handler: Handler, rows: int | None, examples: int | None) -> int:
         if rows is None or not examples:
@@ -274,8 +283,19 @@ class Controller:
     def take_passes(self) -> list[Pass]:
         """The recorded passes that received gradients; forgets everything recorded so far."""
         done = [p for p in self.passes if any(c.has_grads for calls in p.values() for c in calls)]
+        self._tapped = []
         self.passes = []
         return done
 
+    def take_passes_now(self) -> list[Pass]:
+        """Every recorded pass, before any gradient has arrived (the two-pass modes); forgets them."""
+        passes, self.passes = self.passes, []
+        return passes
+
+    def take_tapped(self) -> list[torch.Tensor]:
+        tapped, self._tapped = self._tapped, []
+        return tapped
+
     def clear(self) -> None:
         self.passes = []
+        self._tapped = []

@@ -17,9 +17,11 @@ from .accounting import Accountant, noise_for_epsilon
 from .clipper import MethodChooser
 from .clipping import clipping_function
 from .controller import Controller
+from .ghost import TWO_PASS_MODES, DPLoss
 from .grouping import ClippingStyle, Grouping, make_grouping
 from .modes import method_chooser
 from .optimizer import DPOptimizer
+from .release import EarlyRelease
 from .sampling import DPDataLoader, PoissonBatchSampler, loader_options
 
 logger = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class PrivacyEngine:
         noise_multiplier: float,
         max_grad_norm: float | Sequence[float],
         criterion: nn.Module | None = None,
-        clipping_mode: str = "per-example",
+        clipping_mode: str = "auto",
         clipping_style: ClippingStyle = "all-layer",
         clipping_fn: str = "abadi",
         loss_reduction: str = "mean",
@@ -115,9 +117,13 @@ class PrivacyEngine:
         poisson_sampling: bool = True,
         noise_generator: torch.Generator | None = None,
         seed: int | None = None,
+        memory_budget: int | None = None,
     ):
         """Attach to `module` and return (module, optimizer, criterion, data_loader), or
-        (module, optimizer, data_loader) without a criterion. The module is the same object."""
+        (module, optimizer, data_loader) without a criterion. The module is the same object.
+
+        `memory_budget` (bytes) bounds the explicit per-example gradients the `auto` planner may
+        hold at once (default: a quarter of the GPU's memory; no limit on the CPU)."""
         if self.controller is not None:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
         params = _check_module(module)
@@ -127,8 +133,19 @@ class PrivacyEngine:
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         clip_fn = clipping_function(clipping_fn)
-        choose: MethodChooser = method_chooser(clipping_mode)
+        choose: MethodChooser = method_chooser(clipping_mode, memory_budget)
         grouping = make_grouping(clipping_style, list(params), max_grad_norm)
+        two_pass = clipping_mode in TWO_PASS_MODES
+        if two_pass and criterion is None:
+            raise ValueError(
+                f"clipping_mode={clipping_mode!r} makes two backward passes through the criterion: pass "
+                "criterion= to make_private and use the one it returns"
+            )
+        if two_pass and len(grouping.groups) > 1:
+            raise ValueError(
+                f"clipping_mode={clipping_mode!r} reweights the loss with one factor per example, so it "
+                "supports all-layer clipping only; use a bk mode for group-wise clipping"
+            )
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
 
@@ -142,15 +159,18 @@ class PrivacyEngine:
             data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size, **loader_options(data_loader)
         )
 
-        controller = Controller(module, params)
+        controller = Controller(module, params, param_grads=two_pass)
         if isinstance(clipping_style, int) and not isinstance(clipping_style, bool):
             controller.on_trace(lambda c: self._regroup(clipping_style, max_grad_norm, c.first_use_order))
         dp_optimizer = DPOptimizer(
             optimizer, controller, grouping, clip_fn, choose, noise_multiplier,
             expected_batch_size=float(data_loader.batch_size), loss_reduction=loss_reduction,
-            noise_generator=noise_generator,
+            noise_generator=noise_generator, two_pass=two_pass,
         )
         dp_optimizer.on_logical_step.append(self._account_step)
+        if not two_pass:
+            release = EarlyRelease(controller, lambda: self.grouping, dp_optimizer.clip_and_add)
+            controller.on_grad = release.on_grad
         dp_loader.attach(dp_optimizer)
         controller.attach()
         _ATTACHED.add(module)
@@ -163,6 +183,8 @@ class PrivacyEngine:
         )
         if criterion is None:
             return module, dp_optimizer, dp_loader
+        if two_pass:
+            criterion = DPLoss(criterion, dp_optimizer, loss_reduction)
         return module, dp_optimizer, criterion, dp_loader
 
     def make_private_with_epsilon(
@@ -203,6 +225,12 @@ class PrivacyEngine:
         if not self.poisson_sampling:
             warnings.warn(NOT_POISSON_WARNING, stacklevel=2)
         return self.accountant.get_epsilon(delta)
+
+    @property
+    def plan(self) -> list:
+        """With clipping_mode="auto": each layer's method and estimated costs (after the first step)."""
+        planner = getattr(self.optimizer, "choose", None)
+        return list(getattr(planner, "plan", {}).values())
 
     @property
     def noise_multiplier(self) -> float | None:

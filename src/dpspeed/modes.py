@@ -45,7 +45,15 @@ MODES: dict[str, MethodChooser] = {
 }
 
 
-def method_chooser(mode: str) -> MethodChooser:
-    if mode not in MODES:
-        raise ValueError(f"unknown clipping_mode {mode!r}; choose one of {sorted(MODES)}")
-    return MODES[mode]
+TWO_PASS: dict[str, MethodChooser] = {"ghost": book_keeping, "mix-ghost": book_keeping_mix_ghost}
+ALL_MODES = (*MODES, *TWO_PASS, "auto")
+
+
+def method_chooser(mode: str, memory_budget: int | None = None) -> MethodChooser:
+    if mode == "auto":
+        from .planner import Planner
+
+        return Planner(memory_budget)
+    if mode not in MODES and mode not in TWO_PASS:
+        raise ValueError(f"unknown clipping_mode {mode!r}; choose one of {sorted(ALL_MODES)}")
+    return MODES.get(mode) or TWO_PASS[mode]

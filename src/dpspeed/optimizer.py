@@ -33,6 +33,7 @@ class DPOptimizer(Optimizer):
         expected_batch_size: float,
         loss_reduction: str,
         noise_generator: torch.Generator | None = None,
+        two_pass: bool = False,
     ):
         self.original_optimizer = optimizer
         self.controller = controller
@@ -43,6 +44,7 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
         self.noise_generator = noise_generator
+        self.two_pass = two_pass  # ghost modes: the clipped sum arrives as autograd's .grad
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.state = optimizer.state
@@ -52,7 +54,6 @@ class DPOptimizer(Optimizer):
         self.is_last_physical_batch = True
         self.summed: dict[str, torch.Tensor] = {}
         self.logical_steps = 0
-        self.examples_in_logical_batch = 0
         self.nonfinite_examples = 0
         self.on_logical_step: list[Callable[[], None]] = []
 
@@ -65,19 +66,39 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.zero_grad(set_to_none)
         self.controller.clear()
 
+    def note_nonfinite(self, count: int) -> None:
+        if count:
+            self.nonfinite_examples += count
+            logger.warning(
+                "%d example(s) had a non-finite gradient and contributed nothing (%d so far)",
+                count, self.nonfinite_examples,
+            )
+
+    def _add(self, name: str, s: torch.Tensor) -> None:
+        self.summed[name] = self.summed[name] + s if name in self.summed else s
+
     def accumulate(self) -> None:
         """Clip the examples of every recorded pass and add them to the running sums."""
-        for recorded in self.controller.take_passes():
-            clipped = clip_pass(recorded, self.grouping, self.clip_fn, self.loss_reduction, self.choose)
-            self.examples_in_logical_batch += clipped.examples
-            if clipped.nonfinite:
-                self.nonfinite_examples += clipped.nonfinite
-                logger.warning(
-                    "%d example(s) had a non-finite gradient and contributed nothing (%d so far)",
-                    clipped.nonfinite, self.nonfinite_examples,
+        if self.two_pass:
+            if self.controller.take_passes():
+                raise RuntimeError(
+                    "the ghost clipping modes need the criterion returned by make_private: "
+                    "loss = criterion(model(x), y); loss.backward()"
                 )
-            for name, s in clipped.sums.items():
-                self.summed[name] = self.summed[name] + s if name in self.summed else s
+            for name, p in self.controller.params.items():
+                if p.grad is not None:
+                    self._add(name, to_acc(p.grad))
+                    p.grad = None
+            return
+        for recorded in self.controller.take_passes():
+            self.clip_and_add(recorded, self.grouping)
+
+    def clip_and_add(self, recorded, grouping: Grouping) -> None:
+        """Clip one recorded pass (or a released part of one) and add it to the running sums."""
+        clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose)
+        self.note_nonfinite(clipped.nonfinite)
+        for name, s in clipped.sums.items():
+            self._add(name, s)
 
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -103,7 +124,6 @@ class DPOptimizer(Optimizer):
             p.grad = total.to(p.dtype)
         self.original_optimizer.step()
         self.summed = {}
-        self.examples_in_logical_batch = 0
         self.logical_steps += 1
         for callback in self.on_logical_step:
             callback()

@@ -32,7 +32,7 @@ class TrainConfig:
     delta: float = 1e-5
     sigma: float | None = None
     max_grad_norm: float = 1.0
-    clipping_mode: str = "per-example"
+    clipping_mode: str = "auto"
     clipping_style: str = "all-layer"
     clipping_fn: str = "automatic"
     accountant: str = "pld"

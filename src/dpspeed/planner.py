@@ -1,0 +1,92 @@
+"""The `auto` clipping mode: per layer, ghost norm with book-keeping or explicit per-example gradients
+reused for the sum, whichever a cost model of FLOPs and bytes moved says is faster, with the
+explicit gradients of all layers (held at once until the factors are known) within a memory budget.
+
+Time is estimated as FLOPs / balance + bytes, in byte-equivalents, where the balance is the
+device's FLOPs per byte of memory traffic (about 20 for an H100 in fp32, 10 for a CPU). Shapes
+come from the first physical batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .clipper import EXPLICIT, LayerMethod
+from .handlers import Handler
+from .layers.base import Call
+from .modes import GHOST_BK
+
+
+@dataclass
+class LayerPlan:
+    layer: str
+    kind: str
+    method: str  # "ghost" or "explicit"
+    ghost_cost: float  # byte-equivalents per example
+    explicit_cost: float
+    explicit_bytes: int  # per-example gradient memory of the whole batch
+
+    def __str__(self) -> str:
+        return (f"{self.layer or '<root>':40} {self.kind:16} {self.method:9} ghost {self.ghost_cost:10.3g}  "
+                f"explicit {self.explicit_cost:10.3g}  ({self.explicit_bytes / 2**20:.1f} MiB)")
+
+
+def _balance(device: torch.device) -> float:
+    return 20.0 if device.type == "cuda" else 10.0
+
+
+def default_budget(device: torch.device) -> int | None:
+    """A quarter of the GPU's memory for explicit per-example gradients; no limit on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return None
+
+
+class Planner:
+    """Chooses a LayerMethod per handler on the first pass and keeps the choice (`plan`)."""
+
+    def __init__(self, memory_budget: int | None = None):
+        self.memory_budget = memory_budget
+        self.plan: dict[Handler, LayerPlan] = {}
+
+    def prepare(self, calls: dict[Handler, list[Call]]) -> None:
+        new = [h for h in calls if h not in self.plan]
+        if not new:
+            return
+        candidates = []
+        for handler in new:
+            call = calls[handler][0]
+            costs = handler.rule.costs(handler.module, call) if handler.rule.ghost else None
+            kind = type(handler.module).__name__
+            if costs is None:
+                self.plan[handler] = LayerPlan(handler.name, kind, "explicit", float("inf"), 0.0, 0)
+                continue
+            ghost_flops, explicit_flops = costs
+            grad = call.grad()
+            batch, size = grad.shape[0], grad.element_size()
+            balance = _balance(grad.device)
+            params = sum(handler.module.get_parameter(n).numel() for n in handler.params)
+            io = (call.input().numel() + grad.numel()) / max(batch, 1) * size
+            ghost = (ghost_flops + 2 * explicit_flops) / balance + 2 * io
+            explicit = (2 * explicit_flops + 2 * params) / balance + io + 3 * params * size
+            entry = LayerPlan(handler.name, kind, "ghost", ghost, explicit, batch * params * size)
+            self.plan[handler] = entry
+            if explicit < ghost:
+                candidates.append(entry)
+        budget = self.memory_budget
+        if budget is None:
+            budget = default_budget(next(iter(calls.values()))[0].grad().device)
+        used = sum(p.explicit_bytes for p in self.plan.values() if p.method == "explicit")
+        for entry in sorted(candidates, key=lambda e: (e.ghost_cost - e.explicit_cost) / max(e.explicit_bytes, 1), reverse=True):
+            if budget is None or used + entry.explicit_bytes <= budget:
+                entry.method = "explicit"
+                used += entry.explicit_bytes
+
+    def __call__(self, handler: Handler, calls: list[Call]) -> LayerMethod:
+        entry = self.plan.get(handler)
+        return GHOST_BK if entry is not None and entry.method == "ghost" else EXPLICIT
+
+    def describe(self) -> str:
+        return "\n".join(str(p) for p in self.plan.values())
