@@ -115,3 +115,20 @@ def test_two_pass_ghost_modes(name, mode):
         if reduction == "mean":
             want = {k: w / n for k, w in want.items()}
         assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit", "lm"])
+@pytest.mark.parametrize("mode", ["per-example", "bk-mix-opt", "auto"])
+def test_fixed_shape_physical_batches_change_nothing(name, mode):
+    """Padding rows (fixed_physical_batch) are masked: the clipped sum is the reference's."""
+    case, grads = built(name)
+    n = len(case.tensors[0])
+    for reduction, physical in [("mean", 4), ("sum", 5)]:
+        got, engine = private_grads(case.model, lambda m, b: case.loss(m, b, reduction), case.tensors, max_grad_norm=R,
+                                    physical=physical, fixed_physical_batch=True, clipping_mode=mode,
+                                    loss_reduction=reduction)
+        engine.detach()
+        want = reference_sum(grads, [list(grads[0])], [R], "abadi")
+        if reduction == "mean":  # a mean over the padded batch of `physical` rows, per physical batch
+            want = {k: w / n for k, w in want.items()}
+        assert_close(got, want, 1e-5)

@@ -84,7 +84,8 @@ class PassFactors:
 
 @torch.no_grad()
 def clip_factors(
-    recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser
+    recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser,
+    row_mask: torch.Tensor | None = None,
 ) -> PassFactors | None:
     """Per-example norms of every group and their clipping factors; None for an empty pass. With a
     mean-reduced loss the recorded gradients carry a 1/batch factor, undone so that each example's
@@ -137,6 +138,10 @@ def clip_factors(
     )
     norms = group_sq.sqrt() * loss_scale
     factors = torch.stack([clip_fn(norms[m], r) for m, r in enumerate(grouping.thresholds)]) * loss_scale
+    if row_mask is not None:  # padding rows of a fixed-shape batch contribute nothing
+        keep = row_mask.to(factors.device)
+        factors = factors * keep
+        norms = torch.where(keep, norms, torch.zeros_like(norms))
     finite = torch.isfinite(norms).all(0)
     nonfinite = 0
     if not bool(finite.all()):
@@ -173,10 +178,11 @@ def clipped_sums(pf: PassFactors, grouping: Grouping) -> dict[str, torch.Tensor]
 
 
 def clip_pass(
-    recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser
+    recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser,
+    row_mask: torch.Tensor | None = None,
 ) -> ClippedPass:
     """Clip each example of one pass per group and sum."""
-    pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose)
+    pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose, row_mask)
     if pf is None:
         return ClippedPass({}, 0, 0)
     return ClippedPass(clipped_sums(pf, grouping), pf.batch, pf.nonfinite)

@@ -114,6 +114,7 @@ class PrivacyEngine:
         clipping_fn: str = "abadi",
         loss_reduction: str = "mean",
         max_physical_batch_size: int | None = None,
+        fixed_physical_batch: bool = False,
         poisson_sampling: bool = True,
         noise_generator: torch.Generator | None = None,
         seed: int | None = None,
@@ -156,7 +157,8 @@ class PrivacyEngine:
         else:
             logical = data_loader.batch_sampler
         dp_loader = DPDataLoader(
-            data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size, **loader_options(data_loader)
+            data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
+            fixed_physical_batch=fixed_physical_batch, **loader_options(data_loader)
         )
 
         controller = Controller(module, params, param_grads=two_pass)

@@ -80,7 +80,7 @@ class DPLossValue:
             torch.autograd.grad(total, tapped, retain_graph=True, allow_unused=True)  # first pass: norms only
         factors = None
         for recorded in passes:
-            pf = clip_factors(recorded, optimizer.grouping, optimizer.clip_fn, "sum", optimizer.choose)
+            pf = clip_factors(recorded, optimizer.grouping, optimizer.clip_fn, "sum", optimizer.choose, optimizer.row_mask)
             if pf is not None:
                 factors = pf.factors[0]
                 optimizer.note_nonfinite(pf.nonfinite)

@@ -52,6 +52,8 @@ class DPOptimizer(Optimizer):
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         #: set by the DP data loader before each physical batch; True without one
         self.is_last_physical_batch = True
+        #: set by the DP data loader for fixed-shape batches: False on padding rows
+        self.row_mask: torch.Tensor | None = None
         self.summed: dict[str, torch.Tensor] = {}
         self.logical_steps = 0
         self.nonfinite_examples = 0
@@ -95,7 +97,7 @@ class DPOptimizer(Optimizer):
 
     def clip_and_add(self, recorded, grouping: Grouping) -> None:
         """Clip one recorded pass (or a released part of one) and add it to the running sums."""
-        clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose)
+        clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask)
         self.note_nonfinite(clipped.nonfinite)
         for name, s in clipped.sums.items():
             self._add(name, s)

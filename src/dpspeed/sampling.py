@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -79,11 +79,32 @@ def _empty_like(batch: Any) -> Any:
     return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, batch)
 
 
+def _pad(batch: Any, filler: Any, size: int) -> tuple[Any, torch.Tensor]:
+    """The batch with rows of `filler` appended up to `size`, and the mask of its real rows."""
+    rows = next(t.shape[0] for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor))
+    if rows > size:
+        raise ValueError(f"a physical batch of {rows} rows is larger than the fixed size {size}")
+
+    def pad(t, f):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.cat([t, f.expand(size - rows, *f.shape[1:]).to(t.device)]) if rows < size else t
+
+    flat, spec = tree_flatten(batch)
+    padded = [pad(t, f) for t, f in zip(flat, tree_flatten(filler)[0])]
+    mask = torch.arange(size) < rows
+    return tree_unflatten(padded, spec), mask
+
+
 class DPDataLoader:
     """Yields physical batches; before each one, tells the optimizer whether it ends a logical batch.
 
     `len()` is the number of logical batches (optimizer steps) per epoch. An empty logical batch
-    yields one batch with zero rows, so that the step (noise only) still happens.
+    yields one batch with zero rows, so that the step (noise only) still happens. With
+    `fixed_physical_batch`, every batch is padded to `max_physical_batch_size` rows (copies of the
+    first example) that the optimizer masks out: they contribute nothing, and every forward pass
+    sees one shape (for torch.compile and CUDA graphs). A mean-reduced loss then averages over the
+    padded size, which dpspeed accounts for; only the logged loss value includes the padding.
     """
 
     def __init__(
@@ -92,6 +113,7 @@ class DPDataLoader:
         logical_batches: Sampler[list[int]] | Any,
         *,
         max_physical_batch_size: int | None = None,
+        fixed_physical_batch: bool = False,
         collate_fn=None,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -101,11 +123,15 @@ class DPDataLoader:
             raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+        if fixed_physical_batch and max_physical_batch_size is None:
+            raise ValueError("fixed_physical_batch=True needs max_physical_batch_size: the shape to pad to")
         collate_fn = collate_fn or default_collate
         self.dataset = dataset
+        self.fixed_size = max_physical_batch_size if fixed_physical_batch else None
         self.logical_batches = logical_batches
         self.batches = _PhysicalBatches(logical_batches, max_physical_batch_size)
-        empty = _empty_like(collate_fn([dataset[0]]))
+        self.filler = collate_fn([dataset[0]])
+        empty = _empty_like(self.filler)
         self.loader = DataLoader(
             dataset,
             batch_sampler=self.batches,
@@ -125,8 +151,12 @@ class DPDataLoader:
     def __iter__(self) -> Iterator:
         for batch in self.loader:
             end = self.batches.ends.popleft()
+            mask = None
+            if self.fixed_size is not None:
+                batch, mask = _pad(batch, self.filler, self.fixed_size)
             if self.optimizer is not None:
                 self.optimizer.is_last_physical_batch = end
+                self.optimizer.row_mask = mask
             yield batch
 
     @property

@@ -1,0 +1,52 @@
+"""Mixed precision: under bf16 autocast the clipped sum matches the float32 reference within bf16
+accuracy, and the clipping factors are computed in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpspeed.clipper import clip_factors
+from models import small_cases
+from reference import assert_close, per_example_grads, private_grads, reference_sum
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit", "lm"])
+@pytest.mark.parametrize("mode", ["per-example", "bk", "auto"])
+def test_bf16_autocast_matches_float32_reference(name, mode):
+    torch.manual_seed(1)
+    case = small_cases()[name]()
+    n = len(case.tensors[0])
+    grads = per_example_grads(case.model, lambda m, b: case.loss(m, b, "sum"), [tuple(t[i:i + 1] for t in case.tensors) for i in range(n)])
+    want = reference_sum(grads, [list(grads[0])], [0.3], "abadi")
+
+    def loss(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return case.loss(m, b, "sum")
+
+    got, engine = private_grads(case.model, loss, case.tensors, max_grad_norm=0.3, clipping_mode=mode, loss_reduction="sum")
+    engine.detach()
+    assert all(g.dtype == torch.float32 for g in got.values())
+    assert_close(got, want, 3e-2)
+
+
+def test_factors_are_float32_under_autocast(monkeypatch):
+    import dpspeed.clipper as clipper
+
+    seen = []
+    original = clipper.clip_factors
+
+    def spy(*args, **kwargs):
+        pf = original(*args, **kwargs)
+        seen.append(pf.factors.dtype)
+        return pf
+
+    monkeypatch.setattr(clipper, "clip_factors", spy)
+    case = small_cases()["mlp"]()
+
+    def loss(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return case.loss(m, b, "mean")
+
+    private_grads(case.model, loss, case.tensors, clipping_mode="bk")[1].detach()
+    assert seen and all(d == torch.float32 for d in seen)
