@@ -2,7 +2,8 @@
 
 Each physical batch is forward + backward (+ clip and accumulate for DP), as in the seed paper;
 noise and the update once per logical batch are not in the figures. Same model weights, same
-inputs, warm-up excluded, median over repeats.
+inputs, warm-up excluded; the modes are timed in interleaved rounds (one step each per round) so
+that drifts of a shared machine hit all of them alike; median over rounds.
 
     python benchmarks/speed.py                       # CPU: vit_tiny at 64x64 and a small CNN
     python benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 --device cuda --precision bf16
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -19,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import dpspeed
 from dpspeed import PrivacyEngine
 from dpspeed.models import small_cnn
 
-MODES = ["per-example", "bk", "bk-mix-ghost", "bk-mix-opt", "auto"]
+MODES = ["per-example", "ghost", "mix-ghost", "bk", "bk-mix-ghost", "bk-mix-opt", "auto"]
 
 
 def build(name: str, image_size: int, classes: int) -> torch.nn.Module:
@@ -50,49 +51,61 @@ def _autocast(device: str, precision: str):
     return contextlib.nullcontext()
 
 
-def time_steps(model, optimizer, x, y, device, precision, repeats, warmup) -> list[float]:
-    """Seconds per physical batch (forward, backward, optimizer.step)."""
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        with _autocast(device, precision):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+def one_step(setup: dict, x, y, device: str, precision: str) -> float:
+    """Seconds for one physical batch: forward, backward, optimizer.step (clip and accumulate)."""
+    model, optimizer, criterion = setup["model"], setup["optimizer"], setup["criterion"]
+    _sync(device)
+    start = time.perf_counter()
+    with _autocast(device, precision):
+        loss = criterion(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def measure(name: str, mode: str | None, batch: int, args) -> dict:
-    torch.manual_seed(0)
-    model = build(name, args.image_size, args.classes).to(args.device)
-    x = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
-    y = torch.randint(0, args.classes, (batch,), device=args.device)
+def make_setup(base: torch.nn.Module, mode: str | None, x, y, args) -> dict:
+    model = copy.deepcopy(base)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
     engine = None
     if mode is not None:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=batch)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
         engine = PrivacyEngine()
-        model, optimizer, _ = engine.make_private(
+        model, optimizer, criterion, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            clipping_mode=mode, clipping_style=args.style,
+            clipping_mode=mode, clipping_style=args.style, criterion=criterion,
         )
         optimizer.is_last_physical_batch = False  # accumulate only: the per-physical-batch cost
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = time_steps(model, optimizer, x, y, args.device, args.precision, args.repeats, args.warmup)
-    if engine is not None:
-        engine.detach()
-    median = statistics.median(times)
-    return {
-        "model": name, "mode": mode or "non-private", "batch": batch, "precision": args.precision,
-        "seconds_median": median, "seconds_all": times, "images_per_second": batch / median,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
-    }
+    return {"mode": mode or "non-private", "model": model, "optimizer": optimizer, "criterion": criterion, "engine": engine}
+
+
+def measure_model(name: str, args) -> list[dict]:
+    """Every mode on copies of one model and the same inputs, timed in interleaved rounds."""
+    torch.manual_seed(0)
+    base = build(name, args.image_size, args.classes).to(args.device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    y = torch.randint(0, args.classes, (args.batch,), device=args.device)
+    setups = [make_setup(base, mode, x, y, args) for mode in [None, *args.modes]]
+    times: dict[str, list[float]] = {s["mode"]: [] for s in setups}
+    for round_ in range(args.warmup + args.repeats):
+        for setup in setups:
+            seconds = one_step(setup, x, y, args.device, args.precision)
+            if round_ >= args.warmup:
+                times[setup["mode"]].append(seconds)
+    rows = []
+    base_rate = args.batch / statistics.median(times["non-private"])
+    for setup in setups:
+        median = statistics.median(times[setup["mode"]])
+        rows.append({
+            "model": name, "mode": setup["mode"], "batch": args.batch, "precision": args.precision,
+            "seconds_median": median, "seconds_all": times[setup["mode"]], "images_per_second": args.batch / median,
+            "ratio_to_non_private": args.batch / median / base_rate,
+        })
+        if setup["engine"] is not None:
+            setup["engine"].detach()
+    return rows
 
 
 def environment(device: str) -> dict:
@@ -121,17 +134,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
-    rows = []
-    for name in args.models:
-        base = measure(name, None, args.batch, args)
-        rows.append(base)
-        for mode in args.modes:
-            row = measure(name, mode, args.batch, args)
-            row["ratio_to_non_private"] = row["images_per_second"] / base["images_per_second"]
-            rows.append(row)
+    rows = [row for name in args.models for row in measure_model(name, args)]
     print(f"{'model':24} {'mode':14} {'batch':>5} {'img/s':>9} {'ratio':>6}")
     for r in rows:
-        print(f"{r['model']:24} {r['mode']:14} {r['batch']:5d} {r['images_per_second']:9.1f} {r.get('ratio_to_non_private', 1.0):6.2f}")
+        print(f"{r['model']:24} {r['mode']:14} {r['batch']:5d} {r['images_per_second']:9.1f} {r['ratio_to_non_private']:6.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"environment": environment(args.device), "args": vars(args), "results": rows}, indent=2))
