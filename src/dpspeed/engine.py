@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset
 
+from . import distributed
 from .accounting import Accountant, noise_for_epsilon
 from .clipper import MethodChooser
 from .clipping import clipping_function
@@ -127,6 +128,7 @@ class PrivacyEngine:
         hold at once (default: a quarter of the GPU's memory; no limit on the CPU)."""
         if self.controller is not None:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
+        distributed.check_not_wrapped(module)
         params = _check_module(module)
         _check_optimizer(optimizer, module)
         _check_loader(data_loader)
@@ -152,8 +154,18 @@ class PrivacyEngine:
 
         num_samples = len(data_loader.dataset)
         self.sample_rate = data_loader.batch_size / num_samples
+        rank, world = distributed.rank_and_world()
+        if world > 1:
+            if not poisson_sampling:
+                raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
+            seed = distributed.shared_seed(seed)
+            if noise_generator is None:  # the same noise on every rank: it enters the global sum once
+                device = next(iter(params.values())).device
+                noise_generator = torch.Generator(device=device)
+                noise_generator.manual_seed(seed + 7919)
         if poisson_sampling:
-            logical = PoissonBatchSampler(num_samples, self.sample_rate, steps=len(data_loader), seed=seed)
+            logical = PoissonBatchSampler(num_samples, self.sample_rate, steps=len(data_loader), seed=seed,
+                                          rank=rank, world_size=world)
         else:
             logical = data_loader.batch_sampler
         dp_loader = DPDataLoader(
@@ -174,6 +186,8 @@ class PrivacyEngine:
             release = EarlyRelease(controller, lambda: self.grouping, dp_optimizer.clip_and_add)
             controller.on_grad = release.on_grad
         dp_loader.attach(dp_optimizer)
+        if world > 1:
+            distributed.broadcast_state(module)
         controller.attach()
         _ATTACHED.add(module)
 

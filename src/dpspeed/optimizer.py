@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from . import distributed
 from .clipper import MethodChooser, clip_pass
 from .clipping import ClipFunction
 from .controller import Controller
@@ -114,6 +115,8 @@ class DPOptimizer(Optimizer):
 
     def _privatise_and_step(self) -> None:
         std = self.noise_multiplier * self.grouping.total_threshold
+        if distributed.active():
+            self.summed = distributed.all_reduce_sums(self.summed, self.controller.params)
         for name, p in self.controller.params.items():
             total = self.summed.get(name)
             if total is None:

@@ -15,25 +15,30 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """Each logical batch takes every index independently with probability `sample_rate`.
 
     An epoch has round(1 / sample_rate) batches; some may be empty. The RNG state is part of
-    `state_dict`, so a resumed run draws the batches it would have drawn.
+    `state_dict`, so a resumed run draws the batches it would have drawn. Across processes, each
+    rank samples its own shard (indices rank, rank + world, ...) at the same rate, so the union of
+    the ranks' batches is a Poisson sample of the whole data set.
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, seed: int | None = None):
+    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, seed: int | None = None,
+                 rank: int = 0, world_size: int = 1):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_samples = num_samples
+        self.shard = torch.arange(rank, num_samples, world_size)  # this rank's part of the data set
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        base = seed if seed is not None else int(torch.randint(2**62, ()).item())
+        self.generator.manual_seed(base + rank)  # ranks draw independently
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
+            yield self.shard[mask].tolist()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

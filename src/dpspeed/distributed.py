@@ -1,0 +1,66 @@
+"""Data-parallel DP across processes (torchrun): one all-reduce of the clipped sums per logical batch.
+
+Each rank Poisson-samples its own shard of the data set at the common rate q (the union is a
+Poisson sample of the whole data set), clips and accumulates its examples with no communication,
+and at the end of the logical batch the summed clipped gradients of all ranks are added up in one
+all-reduce over a single flat buffer. The Gaussian noise is drawn from a generator seeded alike on
+every rank and added after the all-reduce: it enters the global sum once, and every rank applies
+the same update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
+def check_not_wrapped(module: nn.Module) -> None:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "do not wrap the model in DistributedDataParallel: dpspeed all-reduces the clipped gradients "
+            "itself, once per logical batch; pass the bare model"
+        )
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Every rank starts from rank 0's parameters and buffers."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def shared_seed(seed: int | None) -> int:
+    """A seed equal on every rank (rank 0's draw when none is given)."""
+    value = torch.tensor([seed if seed is not None else int(torch.randint(2**62, ()).item())], dtype=torch.int64)
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def all_reduce_sums(sums: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The clipped sums of all ranks added up, in one all-reduce over one flat buffer (zeros for
+    parameters this rank has no sum for, so every rank sends the same layout)."""
+    names = list(params)
+    parts = [sums[n] if n in sums else torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32)) for n in names]
+    dtype = parts[0].dtype
+    flat = torch.cat([p.to(dtype).reshape(-1) for p in parts])
+    try:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    except RuntimeError as err:
+        raise RuntimeError(
+            "the all-reduce of the clipped gradients failed: another rank died or timed out "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    out, offset = {}, 0
+    for name, part in zip(names, parts):
+        out[name] = flat[offset : offset + part.numel()].view_as(part)
+        offset += part.numel()
+    return out

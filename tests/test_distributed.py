@@ -1,0 +1,169 @@
+"""Data-parallel DP over 2 processes (gloo on the CPU): the same update as one process, noise once,
+ranks identical, one gradient's worth of communication per logical batch, a dead rank fails loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpspeed import PrivacyEngine
+
+N, DIM = 24, 5
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, DIM, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+def _model():
+    torch.manual_seed(1234 + dist.get_rank())  # different on each rank: make_private must broadcast rank 0's
+    return nn.Sequential(nn.Linear(DIM, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _worker(rank: int, port: int, out: str, scenario: str) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=20))
+        x, y = _data()
+        model = _model()
+        noise = 0.0 if scenario == "exact" else 1.0
+        lr = 0.0 if scenario in ("exact", "noise") else 0.5
+        engine = PrivacyEngine()
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=DataLoader(TensorDataset(x, y), batch_size=6),
+            noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, seed=5, loss_reduction="sum",
+            clipping_mode="bk",
+        )
+        elements = []
+        original = dist.all_reduce
+        dist.all_reduce = lambda t, *a, **k: (elements.append(t.numel()), original(t, *a, **k))[1]
+        record = {"indices": [], "grads": [], "steps": 0, "empty": 0}
+        start = {n: p.detach().clone().tolist() for n, p in model.named_parameters()}
+        for step, batch_indices in enumerate(loader.logical_batches):
+            record["indices"].append(batch_indices)
+            if not batch_indices:
+                record["empty"] += 1
+            if step == 2:
+                break
+        loader.logical_batches.generator.manual_seed(5 + rank)  # replay the same draws for training
+        for xb, yb in loader:
+            if scenario == "dead" and rank == 1:
+                os._exit(0)
+            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+            opt.step()
+            if opt.is_last_physical_batch:
+                record["grads"].append({n: p.grad.tolist() for n, p in model.named_parameters()})
+                record["steps"] += 1
+            opt.zero_grad()
+            if record["steps"] == 3:
+                break
+        record["start"] = start
+        record["final"] = {n: p.detach().tolist() for n, p in model.named_parameters()}
+        record["all_reduce_elements"] = elements
+        record["epsilon"] = engine.get_epsilon(1e-5)
+    except Exception as err:  # reported to the test
+        record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, scenario: str) -> list[dict]:
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), scenario), nprocs=2, join=True, start_method="spawn")
+    return [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+
+
+def _reference_step(indices: list[int], params: dict) -> dict:
+    """One process, one example at a time: the clipped sum of the union of the ranks' examples."""
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(DIM, 8), nn.Tanh(), nn.Linear(8, 3))
+    model.load_state_dict({n: torch.tensor(v) for n, v in params.items()})
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in indices:
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum"),
+                                    list(model.parameters()))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        factor = min(1.0, 0.5 / (float(norm) + 1e-6))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            total[n] += factor * g
+    return total
+
+
+def test_two_ranks_equal_one_process_on_the_union(tmp_path):
+    ranks = _run(tmp_path, "exact")
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    assert ranks[0]["start"] == ranks[1]["start"]  # rank 0's weights were broadcast
+    shards = [set(i for b in r["indices"] for i in b) for r in ranks]
+    assert not shards[0] & shards[1] and all(i % 2 == r for r, s in enumerate(shards) for i in s)
+    for step in range(3):
+        union = ranks[0]["indices"][step] + ranks[1]["indices"][step]
+        want = _reference_step(union, ranks[0]["start"])
+        for r in ranks:
+            for n, w in want.items():
+                assert torch.allclose(torch.tensor(r["grads"][step][n]), w, atol=1e-6), (step, n)
+    # one gradient's worth of communication per logical batch, nothing else
+    numel = sum(torch.tensor(v).numel() for v in ranks[0]["start"].values())
+    assert ranks[0]["all_reduce_elements"] == [numel] * 3
+    assert ranks[0]["epsilon"] == ranks[1]["epsilon"]
+
+
+def test_noise_is_added_once_and_ranks_stay_identical(tmp_path):
+    ranks = _run(tmp_path, "noise")
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    for step in range(3):
+        assert ranks[0]["grads"][step] == ranks[1]["grads"][step]  # the same noise on both ranks
+    x = torch.cat([torch.tensor(g["0.weight"]).flatten() for g in ranks[0]["grads"]])
+    clipped = torch.cat([_reference_step(ranks[0]["indices"][s] + ranks[1]["indices"][s], ranks[0]["start"])["0.weight"].flatten()
+                         for s in range(3)])
+    std = float((x - clipped).std())
+    assert 0.8 * 0.5 < std < 1.2 * 0.5  # sigma * R, once: two noises would give 0.71
+
+
+def test_training_keeps_ranks_bit_identical(tmp_path):
+    ranks = _run(tmp_path, "train")
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    assert ranks[0]["final"] == ranks[1]["final"]
+    assert ranks[0]["final"] != ranks[0]["start"]
+
+
+def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path):
+    try:
+        _run(tmp_path, "dead")
+    except mp.ProcessExitedException:
+        pass  # the spawner may report the rank that left
+    record = json.loads((tmp_path / "rank0.json").read_text())
+    assert "all-reduce of the clipped gradients failed" in record["error"]
+
+
+def test_a_model_wrapped_in_ddp_is_refused_clearly():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+        x, y = _data()
+        with pytest.raises(ValueError, match="DistributedDataParallel"):
+            PrivacyEngine().make_private(module=wrapped, optimizer=torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                                         data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                                         noise_multiplier=1.0, max_grad_norm=1.0)
+    finally:
+        dist.destroy_process_group()
