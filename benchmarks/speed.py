@@ -81,6 +81,29 @@ def make_setup(base: torch.nn.Module, mode: str | None, x, y, args) -> dict:
     return {"mode": mode or "non-private", "model": model, "optimizer": optimizer, "criterion": criterion, "engine": engine}
 
 
+def make_opacus_setup(base: torch.nn.Module, mode: str, x, y) -> dict:
+    """Opacus 1.6 as a peer: grad_sample_mode 'hooks' or 'ghost', skipping the logical step so that
+    only the per-physical-batch work is timed, like dpspeed's."""
+    from opacus import PrivacyEngine as OpacusEngine
+
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
+    engine = OpacusEngine()
+    made = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                               max_grad_norm=1.0, grad_sample_mode=mode, criterion=torch.nn.CrossEntropyLoss())
+    model, optimizer = made[0], made[1]
+    criterion = made[2] if len(made) == 4 else torch.nn.CrossEntropyLoss()  # only ghost returns its criterion
+    step = optimizer.step
+
+    def skipped_step():
+        optimizer.signal_skip_step(do_skip=True)
+        return step()
+
+    optimizer.step = skipped_step
+    return {"mode": f"opacus-{mode}", "model": model, "optimizer": optimizer, "criterion": criterion, "engine": None}
+
+
 def measure_model(name: str, args) -> list[dict]:
     """Every mode on copies of one model and the same inputs, timed in interleaved rounds."""
     torch.manual_seed(0)
@@ -88,6 +111,8 @@ def measure_model(name: str, args) -> list[dict]:
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     y = torch.randint(0, args.classes, (args.batch,), device=args.device)
     setups = [make_setup(base, mode, x, y, args) for mode in [None, *args.modes]]
+    if "opacus" in args.peers:
+        setups += [make_opacus_setup(base, mode, x, y) for mode in ("hooks", "ghost")]
     times: dict[str, list[float]] = {s["mode"]: [] for s in setups}
     for round_ in range(args.warmup + args.repeats):
         for setup in setups:
@@ -111,7 +136,11 @@ def measure_model(name: str, args) -> list[dict]:
 def environment(device: str) -> dict:
     import timm
 
-    return {
+    try:
+        from opacus import __version__ as opacus_version
+    except ImportError:
+        opacus_version = None
+    return {"opacus": opacus_version,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
         "dpspeed": dpspeed.__version__, "python": platform.python_version(),
@@ -126,6 +155,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--style", default="all-layer")
+    parser.add_argument("--peers", nargs="*", default=[], choices=["opacus"], help="peers timed in the same rounds")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)

@@ -115,3 +115,29 @@ def test_embedding_with_padding_idx():
         got, engine = private_grads(model, loss, (ids,), max_grad_norm=0.5, clipping_mode=mode, loss_reduction="sum")
         engine.detach()
         assert_close(got, reference_sum(grads, [names], [0.5], "abadi"), 1e-6)
+
+
+def test_layers_on_one_input_share_its_gram_matrix(monkeypatch):
+    """q, k and v projections of one input: a_i a_i^T is computed once, and the sums stay exact."""
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) + self.v(x)
+
+    torch.manual_seed(0)
+    model = QKV().double()
+    x = torch.randn(5, 3, 4)
+    weights = torch.randn(3, 4)
+    grads = per_example_grads(model, _loss(weights, "sum"), [(x[i : i + 1],) for i in range(5)])
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: (calls.append(a.shape), bmm(a, b))[1])
+    got, engine = private_grads(model, _loss(weights, "sum"), (x,), max_grad_norm=0.5, clipping_mode="bk",
+                                loss_reduction="sum")
+    engine.detach()
+    assert len(calls) == 1 + 3  # one Gram of the shared input, one of each output gradient
+    assert_close(got, reference_sum(grads, [list(grads[0])], [0.5], "abadi"), 1e-6)

@@ -67,7 +67,7 @@ def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
         return t
 
     grads = [mask(g) for g in call.output_grads]
-    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example)
+    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example, {})
 
 
 @dataclass

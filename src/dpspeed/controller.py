@@ -87,6 +87,7 @@ class Controller:
         self._root_enter = None
         self._pass_batch: int | None = None
         self._tapped: list[torch.Tensor] = []  # the recorded outputs, kept for the two-pass modes
+        self._shared: dict[int, dict] = {}
         self.on_grad = None  # called with (handler, call) as each output gradient arrives
 
     # ----------------------------------------------------------------------------- attach/detach
@@ -153,6 +154,7 @@ class Controller:
                 callback(self)
         if torch.is_grad_enabled():
             self._pass_batch = _batch_of(args, kwargs)
+            self._shared = {}  # inputs of this pass stay alive in its calls: their ids are unique
             self.passes.append({})
             if not self.param_grads:
                 self._set_requires_grad(False)
@@ -230,6 +232,8 @@ class Controller:
                     args, kwargs = tree_map(broadcast, (args, kwargs))
             rows = _batch_of(args, kwargs)
             call = Call(args, kwargs, rows_per_example=self._rows_per_example(handler, rows, examples or rows))
+            if args and isinstance(args[0], torch.Tensor):
+                call.shared = self._shared.setdefault(id(args[0]), {})
             leaves, spec = tree_flatten(output)
             return tree_unflatten(self._tap_leaves(handler, call, leaves, rows, broadcast), spec)
 

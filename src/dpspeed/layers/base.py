@@ -18,6 +18,7 @@ class Call:
     output_grads: list[torch.Tensor | None] = field(default_factory=list)
     output_spec: Any = None  # which output leaves were tapped (used by the functional fallback)
     rows_per_example: int = 1  # > 1 when the module saw the batch flattened to (B * k, ...)
+    shared: dict = field(default_factory=dict)  # one dict for all calls on the same input tensor
 
     @property
     def has_grads(self) -> bool:

@@ -15,11 +15,17 @@ def flatten_positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, t
     return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
 
-def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), in float32."""
+def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
+    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), in float32.
+    `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v projections)."""
     if a.shape[1] == 1:
         return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
-    gram_a = to_acc(torch.bmm(a, a.transpose(1, 2)))
+    key = ("gram", a.dtype)
+    gram_a = shared.get(key) if shared is not None else None
+    if gram_a is None:
+        gram_a = to_acc(torch.bmm(a, a.transpose(1, 2)))
+        if shared is not None:
+            shared[key] = gram_a
     gram_g = to_acc(torch.bmm(g, g.transpose(1, 2)))
     return (gram_a * gram_g).sum((1, 2))
 
@@ -56,7 +62,7 @@ class LinearRule(LayerRule):
         a, g = flatten_positions(call.input(), call.grad())
         out = {}
         if "weight" in names:
-            out["weight"] = ghost_sq_norm(a, g)
+            out["weight"] = ghost_sq_norm(a, g, call.shared)
         if "bias" in names:
             out["bias"] = to_acc(bias_terms(g)).square().sum(1)
         return out
