@@ -214,3 +214,34 @@ def test_ghost_mode_without_the_returned_criterion_is_a_clear_error():
     nn.functional.cross_entropy(m(x), y).backward()
     with pytest.raises(RuntimeError, match="criterion returned by make_private"):
         opt.step()
+
+
+def test_a_forward_without_the_hooks_is_refused_at_step():
+    """Dynamo can reuse a graph compiled for a hookless copy of the model: the hooks never run and
+    autograd computes ordinary gradients. The optimizer must refuse them, not train on noise."""
+    import copy
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    plain = torch.compile(copy.deepcopy(base))
+    nn.functional.cross_entropy(plain(x), y).backward()
+    model = copy.deepcopy(base)
+    engine, (m, opt, crit, loader) = _private(model, criterion=nn.CrossEntropyLoss(), clipping_mode="bk",
+                                              data_loader=DataLoader(TensorDataset(x, y), batch_size=8))
+    compiled = torch.compile(m)
+    crit(compiled(x), y).backward()
+    if all(p.grad is None for p in m.parameters()):
+        pytest.skip("this torch version recompiled with the hooks: nothing to refuse")
+    with pytest.raises(RuntimeError, match="without dpspeed's hooks"):
+        opt.step()
+
+
+def test_private_gradient_left_in_place_is_not_mistaken_for_autograd():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    engine, (m, opt, loader) = _private(model, data_loader=DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4))
+    for _ in range(2):  # no zero_grad between logical steps: the old private gradient stays in .grad
+        for (xb,) in loader:
+            m(xb).sum().backward()
+            opt.step()

@@ -139,6 +139,7 @@ class Controller:
             p.requires_grad_(flag)
 
     # ----------------------------------------------------------------------------- forward hooks
+    @torch.compiler.disable  # hooks record with Python side effects: keep them out of compiled graphs
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused:
             return
@@ -161,6 +162,7 @@ class Controller:
         if just_traced and self._root_enter is not None:
             self._root_enter(module, args, kwargs)  # hooks added during this call do not run in it
 
+    @torch.compiler.disable
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self._paused and not self.param_grads:
             self._set_requires_grad(True)
@@ -221,6 +223,7 @@ class Controller:
         return not self._paused and torch.is_grad_enabled() and bool(self.passes)
 
     def _make_tap(self, handler: Handler):
+        @torch.compiler.disable
         def tap(module: nn.Module, args: tuple, kwargs: dict, output):
             if not self._recording():
                 return None
@@ -249,6 +252,7 @@ class Controller:
             use.rows_per_example = self._rows_per_example(handler, rows, self._pass_batch or rows)
             return self._tap_leaves(handler, use, leaves, rows)
 
+        @torch.compiler.disable
         def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._recording():
                 inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -257,15 +261,18 @@ class Controller:
             else:
                 modes.append(None)
 
+        @torch.compiler.disable
         def leave(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             mode = modes.pop() if modes else None
             if mode is not None:
                 mode.__exit__(None, None, None)
 
+        @torch.compiler.disable
         def child_enter(child: nn.Module, args: tuple, kwargs: dict) -> None:
             if modes and modes[-1] is not None:
                 modes[-1].suspend()
 
+        @torch.compiler.disable
         def child_leave(child: nn.Module, args: tuple, kwargs: dict, output) -> None:
             if modes and modes[-1] is not None:
                 tensors = lambda tree: [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]

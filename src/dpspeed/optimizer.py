@@ -59,6 +59,7 @@ class DPOptimizer(Optimizer):
         self.logical_steps = 0
         self.nonfinite_examples = 0
         self.on_logical_step: list[Callable[[], None]] = []
+        self._granted: dict[str, tuple[torch.Tensor, int]] = {}  # the private gradients this optimizer set
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
@@ -93,8 +94,25 @@ class DPOptimizer(Optimizer):
                     self._add(name, to_acc(p.grad))
                     p.grad = None
             return
+        self._refuse_autograd_gradients()
         for recorded in self.controller.take_passes():
             self.clip_and_add(recorded, self.grouping)
+
+    def _refuse_autograd_gradients(self) -> None:
+        """Invariant: only private gradients reach the optimizer. A parameter .grad that this
+        optimizer did not set (or that changed since) was computed by autograd from a forward pass
+        that ran without dpspeed's hooks, so no clipping happened: refuse it loudly."""
+        for name, p in self.controller.params.items():
+            if p.grad is None:
+                continue
+            granted = self._granted.get(name)
+            if granted is None or p.grad is not granted[0] or p.grad._version != granted[1]:
+                raise RuntimeError(
+                    f"parameter {name!r} received a gradient from autograd: the forward pass ran without "
+                    "dpspeed's hooks, so no example was clipped (a torch.compile graph compiled for another "
+                    "copy of the model reused without the hooks, or a call that bypasses module hooks). "
+                    "Compile only after make_private and only the private model, or run it uncompiled"
+                )
 
     def clip_and_add(self, recorded, grouping: Grouping) -> None:
         """Clip one recorded pass (or a released part of one) and add it to the running sums."""
@@ -128,6 +146,7 @@ class DPOptimizer(Optimizer):
                 total = total / self.expected_batch_size
             p.grad = total.to(p.dtype)
         self.original_optimizer.step()
+        self._granted = {n: (p.grad, p.grad._version) for n, p in self.controller.params.items() if p.grad is not None}
         self.summed = {}
         self.logical_steps += 1
         for callback in self.on_logical_step:
