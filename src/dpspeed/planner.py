@@ -87,6 +87,3 @@ class Planner:
     def __call__(self, handler: Handler, calls: list[Call]) -> LayerMethod:
         entry = self.plan.get(handler)
         return GHOST_BK if entry is not None and entry.method == "ghost" else EXPLICIT
-
-    def describe(self) -> str:
-        return "\n".join(str(p) for p in self.plan.values())

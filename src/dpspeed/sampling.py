@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -191,8 +191,3 @@ def loader_options(loader: DataLoader) -> dict:
         options["prefetch_factor"] = loader.prefetch_factor
         options["persistent_workers"] = loader.persistent_workers
     return options
-
-
-def fixed_batches(loader: DataLoader) -> Sequence[list[int]] | Sampler:
-    """The user's own batches (no Poisson sampling): the loader's batch sampler."""
-    return loader.batch_sampler
