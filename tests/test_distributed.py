@@ -39,9 +39,10 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
         model = _model()
         noise = 0.0 if scenario == "exact" else 1.0
         lr = 0.0 if scenario in ("exact", "noise") else 0.5
+        batch_size = 1 if scenario == "sparse" else 6  # q = 1/24: most local batches are empty
         engine = PrivacyEngine()
         model, opt, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=DataLoader(TensorDataset(x, y), batch_size=6),
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
             noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, seed=5, loss_reduction="sum",
             clipping_mode="bk",
         )
@@ -145,6 +146,14 @@ def test_training_keeps_ranks_bit_identical(tmp_path):
     assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
     assert ranks[0]["final"] == ranks[1]["final"]
     assert ranks[0]["final"] != ranks[0]["start"]
+
+
+def test_ranks_with_empty_local_batches_step_together(tmp_path):
+    ranks = _run(tmp_path, "sparse")
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    assert sum(r["empty"] for r in ranks) > 0  # some rank drew nothing in some step
+    assert all(r["steps"] == 3 for r in ranks)
+    assert ranks[0]["final"] == ranks[1]["final"]
 
 
 def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path):

@@ -170,6 +170,13 @@ def test_bad_input_is_refused_and_model_unchanged(case):
     _private(model)  # still attachable after a refusal
 
 
+def test_an_unsupported_layer_names_its_parameters():
+    model = nn.Sequential(nn.Embedding(10, 3, sparse=True))
+    loader = DataLoader(TensorDataset(torch.randint(0, 10, (8, 2))), batch_size=4)
+    with pytest.raises(ValueError, match=r"0\.weight.*sparse"):
+        _private(model, data_loader=loader)
+
+
 def test_make_private_twice_is_refused():
     model = nn.Linear(3, 2)
     _private(model)

@@ -58,7 +58,11 @@ def build_handlers(
         if rule is None or not all(n in RULE_PARAMS for n in names) or not direct:
             rule = fallback(direct)
         else:
-            rule.validate(module)
+            try:
+                rule.validate(module)
+            except ValueError as err:
+                where = names_of.get(id(module), "") or "<root>"
+                raise ValueError(f"cannot privatise {sorted(names.values())} of '{where}': {err}") from err
         own = uses is not None and all(module in uses.direct_users.get(g, ()) for g in names.values())
         handlers.append(Handler(module, names_of.get(id(module), ""), rule, dict(sorted(names.items())), own))
     return handlers
