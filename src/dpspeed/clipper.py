@@ -3,7 +3,6 @@ clipped per-example gradients: per-parameter squared norms, per-group factors, w
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +16,6 @@ from .handlers import Handler
 from .layers.base import Call, to_acc, weighted_sum
 from .layers.functional import batch_size
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,6 @@ MethodChooser = Callable[[Handler, list[Call]], LayerMethod]
 @dataclass
 class ClippedPass:
     sums: dict[str, torch.Tensor]
-    examples: int
     nonfinite: int
 
 
@@ -184,8 +181,8 @@ def clip_pass(
     """Clip each example of one pass per group and sum."""
     pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose, row_mask)
     if pf is None:
-        return ClippedPass({}, 0, 0)
-    return ClippedPass(clipped_sums(pf, grouping), pf.batch, pf.nonfinite)
+        return ClippedPass({}, 0)
+    return ClippedPass(clipped_sums(pf, grouping), pf.nonfinite)
 
 
 def _device(tensors: dict[str, torch.Tensor]) -> torch.device:

@@ -9,7 +9,6 @@ computed from the recorded tensors take the weight gradients' place.
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,6 @@ from .layers.param_ops import OpTapRecorder, OpUse, ParameterOpRule
 from .layers.registry import RULE_TYPES
 from .trace import trace_uses
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import data, models
 from .engine import PrivacyEngine
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -7,7 +7,7 @@ independently; one extra forward and backward of the module in cost.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,8 +22,36 @@ def batch_size(call: Call) -> int:
     return next(g.shape[0] for g in call.output_grads if g is not None)
 
 
-def get_param(module: nn.Module, name: str) -> torch.Tensor:
-    return module.get_parameter(name)
+def per_example_pullback(
+    outputs: Callable[[dict[str, torch.Tensor], Any], tuple],
+    params: dict[str, torch.Tensor],
+    inputs: Any,
+    in_dims: Any,
+    call: Call,
+    pause_recording: Callable,
+    what: str,
+) -> dict[str, torch.Tensor]:
+    """For every example (vmapped; each keeps a batch dimension of 1), the vector-Jacobian product of
+    `outputs(params, example_inputs)` with that example's output gradients (zeros where none came)."""
+    grads = tuple(
+        torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+        for g, (shape, dtype, device) in zip(call.output_grads, call.output_spec.shapes)
+    )
+
+    def one_example(example_inputs: Any, example_grads: tuple) -> dict[str, torch.Tensor]:
+        _, pullback = vjp(lambda p: outputs(p, example_inputs), params)
+        return pullback(tuple(g.unsqueeze(0) for g in example_grads))[0]
+
+    with pause_recording(), torch.no_grad():
+        try:
+            return vmap(one_example, in_dims=(in_dims, 0), randomness="error")(inputs, grads)
+        except RuntimeError as err:
+            if "randomness" in str(err):
+                raise RuntimeError(
+                    f"{what} uses randomness (e.g. dropout) and has no exact per-sample rule; "
+                    "set its dropout to 0 or give it a rule"
+                ) from err
+            raise
 
 
 class FunctionalRule(LayerRule):
@@ -37,31 +65,14 @@ class FunctionalRule(LayerRule):
         leaves, spec = tree_flatten((call.args, call.kwargs))
         batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in leaves]
         inputs = [t.unsqueeze(1) if b else t for t, b in zip(leaves, batched)]
-        tapped = call.output_spec
-        grads = tuple(
-            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-            for g, (shape, dtype, device) in zip(call.output_grads, tapped.shapes)
-        )
-        params = {n: get_param(module, n).detach() for n in names}
+        indices = call.output_spec.indices
 
-        def one_example(example_inputs: list, example_grads: tuple) -> dict[str, torch.Tensor]:
+        def outputs(p: dict[str, torch.Tensor], example_inputs: list) -> tuple:
             args, kwargs = tree_unflatten(example_inputs, spec)
+            out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
+            return tuple(out_leaves[i] for i in indices)
 
-            def forward(p: dict[str, torch.Tensor]) -> tuple:
-                out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
-                return tuple(out_leaves[i] for i in tapped.indices)
-
-            _, pullback = vjp(forward, params)
-            return pullback(tuple(g.unsqueeze(0) for g in example_grads))[0]
-
-        in_dims = ([0 if b else None for b in batched], tuple(0 for _ in grads))
-        with self.pause_recording(), torch.no_grad():
-            try:
-                return vmap(one_example, in_dims=in_dims, randomness="error")(inputs, grads)
-            except RuntimeError as err:
-                if "randomness" in str(err):
-                    raise RuntimeError(
-                        f"{type(module).__name__} uses randomness (e.g. dropout) in its forward and has no "
-                        "exact per-sample rule; set its dropout to 0 or give it a rule"
-                    ) from err
-                raise
+        params = {n: module.get_parameter(n).detach() for n in names}
+        in_dims = [0 if b else None for b in batched]
+        return per_example_pullback(outputs, params, inputs, in_dims, call, self.pause_recording,
+                                    f"{type(module).__name__}'s forward")

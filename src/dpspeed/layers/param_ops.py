@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import Call, LayerRule
+from .functional import per_example_pullback
 
 Recipe = Callable[[dict[str, torch.Tensor], int], torch.Tensor]  # (parameter values, batch) -> tensor
 
@@ -112,26 +112,17 @@ class ParameterOpRule(LayerRule):
         self.pause_recording = pause_recording
 
     def per_sample_grads(self, module: nn.Module, call: OpUse, names: list[str]) -> dict[str, torch.Tensor]:
+        def outputs(v: dict[str, torch.Tensor], rows_in: list[torch.Tensor]) -> tuple:
+            leaves = list(call.leaves)
+            for i, recipe in call.recipes.items():
+                leaves[i] = recipe(v, 1)
+            for i, t in zip(call.batched, rows_in):
+                leaves[i] = t
+            a, k = tree_unflatten(leaves, call.spec)
+            out = tree_flatten(call.func(*a, **k))[0]
+            return tuple(out[i] for i in call.output_spec.indices)
+
         values = {n: module.get_parameter(n).detach() for n in names}
-        grads = tuple(
-            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-            for g, (shape, dtype, device) in zip(call.output_grads, call.output_spec.shapes)
-        )
         batched = [call.leaves[i].unsqueeze(1) for i in call.batched]
-
-        def one_example(rows_in: list[torch.Tensor], example_grads: tuple) -> dict[str, torch.Tensor]:
-            def op(v: dict[str, torch.Tensor]) -> tuple:
-                leaves = list(call.leaves)
-                for i, recipe in call.recipes.items():
-                    leaves[i] = recipe(v, 1)
-                for i, t in zip(call.batched, rows_in):
-                    leaves[i] = t
-                a, k = tree_unflatten(leaves, call.spec)
-                out = tree_flatten(call.func(*a, **k))[0]
-                return tuple(out[i] for i in call.output_spec.indices)
-
-            _, pullback = vjp(op, values)
-            return pullback(tuple(g.unsqueeze(0) for g in example_grads))[0]
-
-        with self.pause_recording(), torch.no_grad():
-            return vmap(one_example, in_dims=(0, 0), randomness="error")(batched, grads)
+        return per_example_pullback(outputs, values, batched, 0, call, self.pause_recording,
+                                    f"an op on {type(module).__name__}'s parameters")
