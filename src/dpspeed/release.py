@@ -52,14 +52,19 @@ class EarlyRelease:
         self.controller = controller
         self.grouping = grouping
         self.process = process
-        self._units: dict[Handler, int] | None = None
-        self._handlers: list[Handler] = []
+        self._members: dict[Handler, list[Handler]] = {}
+        self._handlers: list[Handler] | None = None
 
-    def units(self) -> dict[Handler, int]:
-        if self._units is None or self._handlers is not self.controller.handlers:
+    def members(self, handler: Handler) -> list[Handler]:
+        """The handlers released together with `handler` (recomputed when the handlers change)."""
+        if self._handlers is not self.controller.handlers:
             self._handlers = self.controller.handlers
-            self._units = release_units(self._handlers, self.grouping())
-        return self._units
+            units = release_units(self._handlers, self.grouping())
+            by_unit: dict[int, list[Handler]] = {}
+            for h, unit in units.items():
+                by_unit.setdefault(unit, []).append(h)
+            self._members = {h: by_unit[unit] for h, unit in units.items()}
+        return self._members.get(handler, [handler])
 
     def on_grad(self, handler: Handler, call: Call) -> None:
         if not all(g is not None for g in call.output_grads):
@@ -67,8 +72,7 @@ class EarlyRelease:
         recorded = next((p for p in reversed(self.controller.passes) if call in p.get(handler, ())), None)
         if recorded is None:
             return
-        units = self.units()
-        unit = [h for h in recorded if units.get(h) == units.get(handler)]
+        unit = [h for h in self.members(handler) if h in recorded]
         if not all(all(g is not None for g in c.output_grads) for h in unit for c in recorded[h]):
             return
         part = {h: recorded.pop(h) for h in unit}
