@@ -15,6 +15,7 @@ from .grouping import Grouping
 from .handlers import Handler
 from .layers.base import Call, to_acc, weighted_sum
 from .layers.functional import batch_size
+from .sections import section
 
 
 
@@ -179,10 +180,22 @@ def clip_pass(
     row_mask: torch.Tensor | None = None,
 ) -> ClippedPass:
     """Clip each example of one pass per group and sum."""
-    pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose, row_mask)
+    with section("norms"):
+        pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose, row_mask)
     if pf is None:
+        release(recorded)
         return ClippedPass({}, 0)
-    return ClippedPass(clipped_sums(pf, grouping), pf.nonfinite)
+    with section("clipped sums"):
+        sums = clipped_sums(pf, grouping)
+    release(recorded)
+    return ClippedPass(sums, pf.nonfinite)
+
+
+def release(recorded: Pass) -> None:
+    """Drop the kept tensors of every call of a clipped pass."""
+    for calls in recorded.values():
+        for call in calls:
+            call.release()
 
 
 def _device(tensors: dict[str, torch.Tensor]) -> torch.device:

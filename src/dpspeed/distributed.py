@@ -15,12 +15,23 @@ import torch.distributed as dist
 from torch import nn
 
 
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def active(group: dist.ProcessGroup | None = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """This process's rank in `group` and the group's size; (0, 1) when not distributed."""
+    if not active(group):
+        return 0, 1
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process_group given to make_private")
+    return rank, dist.get_world_size(group)
+
+
+def _source(group: dist.ProcessGroup | None) -> int:
+    """The global rank of the group's first member."""
+    return 0 if group is None else dist.get_global_rank(group, 0)
 
 
 def check_not_wrapped(module: nn.Module) -> None:
@@ -31,21 +42,22 @@ def check_not_wrapped(module: nn.Module) -> None:
         )
 
 
-def broadcast_state(module: nn.Module) -> None:
+def broadcast_state(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Every rank starts from rank 0's parameters and buffers."""
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            dist.broadcast(tensor.data, src=_source(group), group=group)
 
 
-def shared_seed(seed: int | None) -> int:
+def shared_seed(seed: int | None, group: dist.ProcessGroup | None = None) -> int:
     """A seed equal on every rank (rank 0's draw when none is given)."""
     value = torch.tensor([seed if seed is not None else int(torch.randint(2**62, ()).item())], dtype=torch.int64)
-    dist.broadcast(value, src=0)
+    dist.broadcast(value, src=_source(group), group=group)
     return int(value.item())
 
 
-def all_reduce_sums(sums: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def all_reduce_sums(sums: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+                    group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
     """The clipped sums of all ranks added up, in one all-reduce over one flat buffer (zeros for
     parameters this rank has no sum for, so every rank sends the same layout)."""
     names = list(params)
@@ -53,7 +65,7 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], params: dict[str, torch.Tenso
     dtype = parts[0].dtype
     flat = torch.cat([p.to(dtype).reshape(-1) for p in parts])
     try:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     except RuntimeError as err:
         raise RuntimeError(
             "the all-reduce of the clipped gradients failed: another rank died or timed out "

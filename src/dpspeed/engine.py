@@ -120,12 +120,14 @@ class PrivacyEngine:
         noise_generator: torch.Generator | None = None,
         seed: int | None = None,
         memory_budget: int | None = None,
+        process_group=None,
     ):
         """Attach to `module` and return (module, optimizer, criterion, data_loader), or
         (module, optimizer, data_loader) without a criterion. The module is the same object.
 
         `memory_budget` (bytes) bounds the explicit per-example gradients the `auto` planner may
-        hold at once (default: a quarter of the GPU's memory; no limit on the CPU)."""
+        hold at once (default: a quarter of the GPU's memory; no limit on the CPU).
+        `process_group`: under torch.distributed, the processes that train together (default: all)."""
         if self.controller is not None:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
         distributed.check_not_wrapped(module)
@@ -154,11 +156,11 @@ class PrivacyEngine:
 
         num_samples = len(data_loader.dataset)
         self.sample_rate = data_loader.batch_size / num_samples
-        rank, world = distributed.rank_and_world()
+        rank, world = distributed.rank_and_world(process_group)
         if world > 1:
             if not poisson_sampling:
                 raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
-            seed = distributed.shared_seed(seed)
+            seed = distributed.shared_seed(seed, process_group)
             if noise_generator is None:  # the same noise on every rank: it enters the global sum once
                 device = next(iter(params.values())).device
                 noise_generator = torch.Generator(device=device)
@@ -179,7 +181,7 @@ class PrivacyEngine:
         dp_optimizer = DPOptimizer(
             optimizer, controller, grouping, clip_fn, choose, noise_multiplier,
             expected_batch_size=float(data_loader.batch_size), loss_reduction=loss_reduction,
-            noise_generator=noise_generator, two_pass=two_pass,
+            noise_generator=noise_generator, two_pass=two_pass, process_group=process_group,
         )
         dp_optimizer.on_logical_step.append(self._account_step)
         if not two_pass:
@@ -187,7 +189,7 @@ class PrivacyEngine:
             controller.on_grad = release.on_grad
         dp_loader.attach(dp_optimizer)
         if world > 1:
-            distributed.broadcast_state(module)
+            distributed.broadcast_state(module, process_group)
         controller.attach()
         _ATTACHED.add(module)
 

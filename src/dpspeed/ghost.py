@@ -13,7 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from .clipper import clip_factors
+from .clipper import clip_factors, release
+from .sections import section
 
 TWO_PASS_MODES = ("ghost", "mix-ghost")
 
@@ -80,7 +81,9 @@ class DPLossValue:
             torch.autograd.grad(total, tapped, retain_graph=True, allow_unused=True)  # first pass: norms only
         factors = None
         for recorded in passes:
-            pf = clip_factors(recorded, optimizer.grouping, optimizer.clip_fn, "sum", optimizer.choose, optimizer.row_mask)
+            with section("norms"):
+                pf = clip_factors(recorded, optimizer.grouping, optimizer.clip_fn, "sum", optimizer.choose, optimizer.row_mask)
+            release(recorded)
             if pf is not None:
                 factors = pf.factors[0]
                 optimizer.note_nonfinite(pf.nonfinite)

@@ -22,7 +22,7 @@ BUILTIN = ("small_cnn", "mlp")
 
 
 def build(name: str, in_channels: int, image_size: int, classes: int) -> nn.Module:
-    """A built-in model by name, or `timm:NAME` with random weights."""
+    """A built-in model by name, `timm:NAME` or `hf:MODEL_TYPE`, with random weights."""
     if name == "small_cnn":
         return small_cnn(in_channels, classes)
     if name == "mlp":
@@ -37,4 +37,27 @@ def build(name: str, in_channels: int, image_size: int, classes: int) -> nn.Modu
             return timm.create_model(name[5:], img_size=image_size, **options)
         except TypeError:  # models without an image size argument (CNNs)
             return timm.create_model(name[5:], **options)
-    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or timm:NAME")
+    if name.startswith("hf:"):
+        return _transformers_classifier(name[3:], classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN}, timm:NAME or hf:MODEL_TYPE")
+
+
+def _transformers_classifier(model_type: str, classes: int) -> nn.Module:
+    """A transformers sequence classifier with the default configuration of `model_type` (gpt2,
+    bert, roberta, ...), random weights, built offline."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ValueError("hf: models need transformers: pip install transformers") from err
+    try:
+        config = transformers.AutoConfig.for_model(model_type, num_labels=classes)
+    except ValueError as err:
+        raise ValueError(f"unknown transformers model type {model_type!r} (use a type such as gpt2 or bert)") from err
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0
+    return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+def is_text(name: str) -> bool:
+    """Whether the model takes token ids (transformers) rather than images."""
+    return name.startswith("hf:")

@@ -16,6 +16,7 @@ from .clipping import ClipFunction
 from .controller import Controller
 from .grouping import Grouping
 from .layers.base import to_acc
+from .sections import section
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class DPOptimizer(Optimizer):
         loss_reduction: str,
         noise_generator: torch.Generator | None = None,
         two_pass: bool = False,
+        process_group=None,
     ):
         self.original_optimizer = optimizer
         self.controller = controller
@@ -46,6 +48,7 @@ class DPOptimizer(Optimizer):
         self.loss_reduction = loss_reduction
         self.noise_generator = noise_generator
         self.two_pass = two_pass  # ghost modes: the clipped sum arrives as autograd's .grad
+        self.process_group = process_group  # the processes whose sums are added up (None: the world)
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.state = optimizer.state
@@ -133,19 +136,23 @@ class DPOptimizer(Optimizer):
 
     def _privatise_and_step(self) -> None:
         std = self.noise_multiplier * self.grouping.total_threshold
-        if distributed.active():
-            self.summed = distributed.all_reduce_sums(self.summed, self.controller.params)
-        for name, p in self.controller.params.items():
-            total = self.summed.get(name)
-            if total is None:
-                total = torch.zeros_like(p, dtype=to_acc(p).dtype)
-            if std > 0:
-                noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=total.dtype)
-                total = total + std * noise
-            if self.loss_reduction == "mean":
-                total = total / self.expected_batch_size
-            p.grad = total.to(p.dtype)
-        self.original_optimizer.step()
+        if distributed.active(self.process_group):
+            with section("all-reduce"):
+                self.summed = distributed.all_reduce_sums(self.summed, self.controller.params, self.process_group)
+        with section("noise"):
+            for name, p in self.controller.params.items():
+                total = self.summed.pop(name, None)  # owned here: updated in place
+                if total is None:
+                    total = torch.zeros_like(p, dtype=to_acc(p).dtype)
+                if std > 0:
+                    noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=total.dtype)
+                    total.add_(noise, alpha=std)
+                    del noise
+                if self.loss_reduction == "mean":
+                    total.div_(self.expected_batch_size)
+                p.grad = total.to(p.dtype)
+        with section("update"):
+            self.original_optimizer.step()
         self._granted = {n: (p.grad, p.grad._version) for n, p in self.controller.params.items() if p.grad is not None}
         self.summed = {}
         self.logical_steps += 1

@@ -50,7 +50,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _style(value: str):
+def parse_style(value: str):
     return int(value) if value.isdigit() else value
 
 
@@ -77,7 +77,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     engine = PrivacyEngine(accountant=config.accountant)
     options = dict(
         module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=config.max_grad_norm,
-        clipping_mode=config.clipping_mode, clipping_style=_style(config.clipping_style),
+        clipping_mode=config.clipping_mode, clipping_style=parse_style(config.clipping_style),
         clipping_fn=config.clipping_fn, max_physical_batch_size=config.physical_batch_size, seed=config.seed,
     )
     if config.epsilon is not None:

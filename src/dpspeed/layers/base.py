@@ -24,6 +24,12 @@ class Call:
     def has_grads(self) -> bool:
         return any(g is not None for g in self.output_grads)
 
+    def release(self) -> None:
+        """Let go of the kept activations and output gradients once the call is clipped: the
+        autograd graph holds this call (through its gradient hooks) until the step ends."""
+        self.args, self.kwargs, self.shared = (), {}, {}
+        self.output_grads = [None] * len(self.output_grads)
+
     def input(self) -> torch.Tensor:
         return self.args[0]
 

@@ -1,0 +1,125 @@
+"""One way of training the benchmark model (non-private, a dpspeed mode, or Opacus as a peer) and
+its physical step: forward, backward and optimizer.step()."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..engine import PrivacyEngine
+from ..grouping import ClippingStyle
+from ..sections import section
+from .workload import logits
+
+NON_PRIVATE = "non-private"
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision(name: str, device: torch.device) -> Iterator[None]:
+    """fp32, TF32 (tensor-core matmuls and convolutions in float32) or bf16 autocast."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; use one of {PRECISIONS}")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
+    try:
+        with autocast:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _placeholder_loader(batch: int) -> DataLoader:
+    """make_private wants a data loader for the sampling rate; timing feeds batches directly."""
+    return DataLoader(TensorDataset(torch.zeros(max(batch, 1) * 8, 1)), batch_size=max(batch, 1))
+
+
+class Setup:
+    """A private copy of the model with its optimizer and criterion, ready to step."""
+
+    def __init__(self, base: nn.Module, label: str, style: ClippingStyle = "all-layer", sigma: float = 1.0,
+                 process_group=None):
+        """`process_group`: train data-parallel over these processes (DistributedDataParallel for
+        non-private training, dpspeed's own all-reduce for its modes)."""
+        self.label = label
+        self.model = copy.deepcopy(base)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.criterion = nn.CrossEntropyLoss()
+        self.engine = None
+        if label == NON_PRIVATE:
+            if process_group is not None:
+                self.model = nn.parallel.DistributedDataParallel(self.model, process_group=process_group)
+            return
+        if label.startswith("opacus-"):
+            self._opacus(label.removeprefix("opacus-"), sigma)
+            return
+        self.engine = PrivacyEngine()
+        self.model, self.optimizer, self.criterion, _ = self.engine.make_private(
+            module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(64), noise_multiplier=sigma,
+            max_grad_norm=1.0, criterion=self.criterion, clipping_mode=label, clipping_style=style,
+        )
+
+    @property
+    def private(self) -> bool:
+        return self.label != NON_PRIVATE
+
+    def _opacus(self, grad_sample_mode: str, sigma: float) -> None:
+        from opacus import PrivacyEngine as OpacusEngine
+
+        engine = OpacusEngine()
+        made = engine.make_private(module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(64),
+                                   noise_multiplier=sigma, max_grad_norm=1.0, grad_sample_mode=grad_sample_mode,
+                                   criterion=self.criterion, poisson_sampling=False)
+        self.model, self.optimizer = made[0], made[1]
+        if len(made) == 4:  # ghost clipping returns its criterion
+            self.criterion = made[2]
+
+    def _last_physical(self, last: bool) -> None:
+        if self.label.startswith("opacus-"):
+            self.optimizer.signal_skip_step(do_skip=not last)
+        elif self.private:
+            self.optimizer.is_last_physical_batch = last
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, precision_name: str, last: bool = False) -> None:
+        """One physical batch. With last=False it only accumulates (a private setup clips and adds
+        to its sums; non-private training adds to .grad without synchronising); with last=True it
+        also ends the logical batch: all-reduce, noise (private) and the update."""
+        self._last_physical(last)
+        wrapped = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        with self.model.no_sync() if wrapped and not last else contextlib.nullcontext():
+            with section("forward"), precision(precision_name, x.device):
+                loss = self.criterion(logits(self.model(x)), y)
+            with section("backward"):
+                loss.backward()
+        if self.private:
+            with section("step"):
+                self.optimizer.step()
+        elif last:
+            with section("update"):
+                self.optimizer.step()
+        if self.private or last:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def reset(self) -> None:
+        """Drop whatever a failed step left behind (after an out-of-memory error)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            self.engine.optimizer.summed = {}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.detach()
+        self.model = self.optimizer = self.criterion = self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,207 @@
+"""The benchmark run: for every model, precision and setup, the largest physical batch, throughput
+over physical batch sizes, the time breakdown and an end-to-end figure; then the memory profile per
+clipping style. Results are written after every setup, so an interrupted run keeps what it measured."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import __version__
+from ..modes import ALL_MODES
+from .memory import fact_6_1, layer_sizes, peak_bytes
+from .results import recommend
+from .search import largest_batch
+from .setups import NON_PRIVATE, Setup
+from .timing import breakdown, end_to_end, throughput
+from .workload import Workload
+
+logger = logging.getLogger(__name__)
+DEFAULT_MODES = [m for m in ALL_MODES if m != "auto"] + ["auto"]
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["small_cnn"])
+    image_size: int = 32
+    num_classes: int = 10
+    seq_len: int = 128
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
+    peers: list[str] = field(default_factory=list)
+    max_batch: int = 64
+    min_batch: int = 4
+    memory_limit: int | None = None  # bytes; a step above it counts as out of memory
+    repeats: int = 5
+    warmup: int = 2
+    memory_mode: str = "auto"
+    memory_styles: list = field(default_factory=lambda: ["all-layer", "layer-wise", 4])
+    memory_batch: int | None = None
+    seed: int = 0
+    out: str = "bench-results"
+    scaling_batch: int = 32  # --scaling: physical batch per process
+    accumulate: int = 1  # --scaling: physical batches per logical batch (one all-reduce each)
+    bandwidth: float = 25e9  # --scaling: bytes/s per link for the model at 8, 32 and 80 processes
+
+
+def environment(device: torch.device) -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "dpspeed": __version__}
+    for package in ("timm", "transformers", "opacus"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": name, "device_type": device.type, "threads": torch.get_num_threads(),
+            "versions": versions, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+class OverMemoryLimit(torch.OutOfMemoryError):
+    """A step needed more than the --memory-limit given to the bench."""
+
+
+class Study:
+    def __init__(self, config: BenchConfig, show_progress: bool = True):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.out = Path(config.out)
+        self.show_progress = show_progress
+        self.results: dict = {
+            "environment": environment(self.device), "config": asdict(config), "seed": config.seed,
+            "models": {}, "largest_batch": [], "throughput": [], "breakdown": [], "end_to_end": [], "memory": [],
+        }
+
+    def save(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results["recommendation"] = [r for m in self.results["models"] if (r := recommend(self.results, m))]
+        path = self.out / "results.json"
+        path.write_text(json.dumps(self.results, indent=1, default=str))
+        return path
+
+    def setups(self) -> list[str]:
+        return [NON_PRIVATE, *self.config.modes, *[f"opacus-{m}" for m in ("hooks", "ghost") if "opacus" in self.config.peers]]
+
+    def run(self) -> dict:
+        """Measure everything; on Ctrl-C keep what was measured (results['interrupted'] = True)."""
+        c = self.config
+        total = len(c.models) * (len(c.precisions) * len(self.setups()) + 1)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, disable=not self.show_progress) as progress:
+            task = progress.add_task("bench", total=total)
+            try:
+                for model in c.models:
+                    self._model(model, progress, task)
+            except KeyboardInterrupt:
+                self.results["interrupted"] = True
+                logger.warning("interrupted: keeping what was measured")
+        self.save()
+        return self.results
+
+    def _workload(self, model: str) -> Workload:
+        c = self.config
+        return Workload(model, c.image_size, 3, c.num_classes, c.seq_len, c.seed)
+
+    def _model(self, name: str, progress: Progress, task) -> None:
+        workload = self._workload(name)
+        base = workload.build(self.device)
+        self.results["models"][name] = {"unit": workload.unit, "parameters": sum(p.numel() for p in base.parameters())}
+        for precision in self.config.precisions:
+            for label in self.setups():
+                progress.update(task, description=f"{name} {precision} {label}")
+                self._setup(workload, base, label, precision)
+                self.save()
+                progress.advance(task)
+        progress.update(task, description=f"{name} memory per clipping style")
+        self._memory(workload, base)
+        self.save()
+        progress.advance(task)
+
+    def _step_within_limit(self, setup: Setup, workload: Workload, precision: str, batch: int) -> None:
+        x, y = workload.batch(batch, self.device)
+
+        def two_steps() -> None:
+            setup.step(x, y, precision)
+            setup.step(x, y, precision, last=True)
+
+        if self.config.memory_limit is None:
+            two_steps()
+            return
+        peak = peak_bytes(two_steps, self.device)
+        if peak > self.config.memory_limit:
+            raise OverMemoryLimit(f"batch {batch} needs {peak} bytes, over the limit of {self.config.memory_limit}")
+
+    def _setup(self, workload: Workload, base: torch.nn.Module, label: str, precision: str) -> None:
+        c = self.config
+        key = {"model": workload.model, "precision": precision, "setup": label}
+        try:
+            setup = Setup(base, label)
+        except (ValueError, RuntimeError, ImportError) as err:
+            logger.warning("%s cannot run %s: %s", label, workload.model, err)
+            self.results["largest_batch"].append({**key, "largest": 0, "at_limit": False, "error": str(err)})
+            return
+        try:
+            search = largest_batch(lambda b: self._step_within_limit(setup, workload, precision, b),
+                                   limit=c.max_batch, start=min(c.min_batch, c.max_batch), cleanup=setup.reset)
+            self.results["largest_batch"].append({**key, "largest": search.largest, "at_limit": search.at_limit,
+                                                  "tried": search.tried})
+            if search.largest == 0:
+                return
+            sizes = sorted({b for b in _powers_of_two(c.min_batch, search.largest)} | {search.largest})
+            for batch in sizes:
+                x, y = workload.batch(batch, self.device)
+                row = throughput(setup, x, y, precision, c.repeats, c.warmup)
+                self.results["throughput"].append({**key, **row})
+            best = max((r for r in self.results["throughput"] if all(r[k] == v for k, v in key.items())),
+                       key=lambda r: r["per_second"])
+            x, y = workload.batch(best["batch"], self.device)
+            self.results["breakdown"].append({**key, **breakdown(setup, x, y, precision, c.repeats)})
+            self.results["end_to_end"].append(
+                {**key, **end_to_end(setup, workload, best["batch"], precision, c.repeats + 1, self.device)})
+        finally:
+            setup.close()
+
+    def _memory(self, workload: Workload, base: torch.nn.Module) -> None:
+        """Peak memory of one step per clipping style next to Fact 6.1, at one batch size."""
+        c = self.config
+        fitted = [r["largest"] for r in self.results["largest_batch"]
+                  if r["model"] == workload.model and r["setup"] in (NON_PRIVATE, c.memory_mode) and r["largest"]]
+        batch = c.memory_batch or min([*fitted, c.max_batch])
+        precision = c.precisions[0]
+        x, y = workload.batch(batch, self.device)
+        layers = layer_sizes(base, x)
+        element = 2 if precision == "bf16" else 4
+        for label, style in [(NON_PRIVATE, None), *[(c.memory_mode, s) for s in c.memory_styles]]:
+            setup = None
+            try:
+                setup = Setup(base, label, style or "all-layer")
+                setup.step(x, y, precision, last=True)  # warm-up: optimizer state, first-pass trace
+                measured = peak_bytes(lambda: setup.step(x, y, precision, last=True), self.device)
+            except (torch.OutOfMemoryError, RuntimeError, ValueError) as err:
+                logger.warning("memory profile of %s %s failed: %s", label, style, err)
+                continue
+            finally:
+                if setup is not None:
+                    setup.close()
+            self.results["memory"].append({
+                "model": workload.model, "precision": precision, "setup": label, "style": str(style or "non-private"),
+                "batch": batch, "measured_bytes": measured,
+                "fact_6_1_bytes": fact_6_1(layers, style, batch, element) if style is not None else None,
+            })
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+    sizes, b = [], 1
+    while b <= high:
+        if b >= low:
+            sizes.append(b)
+        b *= 2
+    return sizes
