@@ -122,7 +122,7 @@ def build(results: dict, out: Path) -> Path:
         lines += [""] + [f"- {s}: parallel fraction p = {p:.4f}" for s, p in scaling.get("parallel_fraction", {}).items()]
         if scaling.get("modeled"):
             lines += ["", f"Modelled efficiency at scale: the measured compute of one logical batch on one process, and a "
-                      f"ring all-reduce of the {scaling['gradient_bytes'] / MiB:.0f} MiB gradient at "
+                      f"ring all-reduce of the {scaling['gradient_bytes'] / MiB:.3g} MiB gradient at "
                       f"{scaling['modeled'][0]['bandwidth'] / 1e9:g} GB/s per link, not overlapped (Sinha et al. measured "
                       "69% for Opacus and 53% non-private at 80 V100s).", ""]
             rows = [[r["setup"], r["processes"], r["efficiency"]] for r in scaling["modeled"]]

@@ -64,6 +64,7 @@ class Setup:
         self.model, self.optimizer, self.criterion, _ = self.engine.make_private(
             module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(64), noise_multiplier=sigma,
             max_grad_norm=1.0, criterion=self.criterion, clipping_mode=label, clipping_style=style,
+            process_group=process_group,
         )
 
     @property
