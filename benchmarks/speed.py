@@ -12,18 +12,16 @@ that drifts of a shared machine hit all of them alike; median over rounds.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import dpspeed
-from dpspeed import PrivacyEngine
+from dpspeed.bench.setups import NON_PRIVATE, Setup
+from dpspeed.bench.timing import timed_step
 from dpspeed.models import small_cnn
 
 MODES = ["per-example", "ghost", "mix-ghost", "bk", "bk-mix-ghost", "bk-mix-opt", "auto"]
@@ -40,96 +38,30 @@ def build(name: str, image_size: int, classes: int) -> torch.nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=classes)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _autocast(device: str, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def one_step(setup: dict, x, y, device: str, precision: str) -> float:
-    """Seconds for one physical batch: forward, backward, optimizer.step (clip and accumulate)."""
-    model, optimizer, criterion = setup["model"], setup["optimizer"], setup["criterion"]
-    _sync(device)
-    start = time.perf_counter()
-    with _autocast(device, precision):
-        loss = criterion(model(x), y)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def make_setup(base: torch.nn.Module, mode: str | None, x, y, args) -> dict:
-    model = copy.deepcopy(base)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    criterion = torch.nn.CrossEntropyLoss()
-    engine = None
-    if mode is not None:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
-        engine = PrivacyEngine()
-        model, optimizer, criterion, _ = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            clipping_mode=mode, clipping_style=args.style, criterion=criterion,
-        )
-        optimizer.is_last_physical_batch = False  # accumulate only: the per-physical-batch cost
-    return {"mode": mode or "non-private", "model": model, "optimizer": optimizer, "criterion": criterion, "engine": engine}
-
-
-def make_opacus_setup(base: torch.nn.Module, mode: str, x, y) -> dict:
-    """Opacus 1.6 as a peer: grad_sample_mode 'hooks' or 'ghost', skipping the logical step so that
-    only the per-physical-batch work is timed, like dpspeed's."""
-    from opacus import PrivacyEngine as OpacusEngine
-
-    model = copy.deepcopy(base)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
-    engine = OpacusEngine()
-    made = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                               max_grad_norm=1.0, grad_sample_mode=mode, criterion=torch.nn.CrossEntropyLoss())
-    model, optimizer = made[0], made[1]
-    criterion = made[2] if len(made) == 4 else torch.nn.CrossEntropyLoss()  # only ghost returns its criterion
-    step = optimizer.step
-
-    def skipped_step():
-        optimizer.signal_skip_step(do_skip=True)
-        return step()
-
-    optimizer.step = skipped_step
-    return {"mode": f"opacus-{mode}", "model": model, "optimizer": optimizer, "criterion": criterion, "engine": None}
-
-
 def measure_model(name: str, args) -> list[dict]:
     """Every mode on copies of one model and the same inputs, timed in interleaved rounds."""
     torch.manual_seed(0)
     base = build(name, args.image_size, args.classes).to(args.device)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     y = torch.randint(0, args.classes, (args.batch,), device=args.device)
-    setups = [make_setup(base, mode, x, y, args) for mode in [None, *args.modes]]
-    if "opacus" in args.peers:
-        setups += [make_opacus_setup(base, mode, x, y) for mode in ("hooks", "ghost")]
-    times: dict[str, list[float]] = {s["mode"]: [] for s in setups}
+    labels = [NON_PRIVATE, *args.modes] + ([f"opacus-{m}" for m in ("hooks", "ghost")] if "opacus" in args.peers else [])
+    setups = [Setup(base, label, args.style) for label in labels]
+    times: dict[str, list[float]] = {s.label: [] for s in setups}
     for round_ in range(args.warmup + args.repeats):
         for setup in setups:
-            seconds = one_step(setup, x, y, args.device, args.precision)
+            seconds = timed_step(setup, x, y, args.precision)
             if round_ >= args.warmup:
-                times[setup["mode"]].append(seconds)
+                times[setup.label].append(seconds)
     rows = []
     base_rate = args.batch / statistics.median(times["non-private"])
     for setup in setups:
-        median = statistics.median(times[setup["mode"]])
+        median = statistics.median(times[setup.label])
         rows.append({
-            "model": name, "mode": setup["mode"], "batch": args.batch, "precision": args.precision,
-            "seconds_median": median, "seconds_all": times[setup["mode"]], "images_per_second": args.batch / median,
+            "model": name, "mode": setup.label, "batch": args.batch, "precision": args.precision,
+            "seconds_median": median, "seconds_all": times[setup.label], "images_per_second": args.batch / median,
             "ratio_to_non_private": args.batch / median / base_rate,
         })
-        if setup["engine"] is not None:
-            setup["engine"].detach()
+        setup.close()
     return rows
 
 
@@ -162,7 +94,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
     rows = [row for name in args.models for row in measure_model(name, args)]
     print(f"{'model':24} {'mode':14} {'batch':>5} {'img/s':>9} {'ratio':>6}")
