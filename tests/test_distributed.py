@@ -176,3 +176,20 @@ def test_a_model_wrapped_in_ddp_is_refused_clearly():
                                          noise_multiplier=1.0, max_grad_norm=1.0)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_sharded_model_is_refused_clearly():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        x, y = _data()
+        with pytest.raises(ValueError, match="sharded"):
+            PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                                         noise_multiplier=1.0, max_grad_norm=1.0)
+    finally:
+        dist.destroy_process_group()

@@ -40,6 +40,15 @@ def check_not_wrapped(module: nn.Module) -> None:
             "do not wrap the model in DistributedDataParallel: dpspeed all-reduces the clipped gradients "
             "itself, once per logical batch; pass the bare model"
         )
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"parameters {sharded[:3]}{'...' if len(sharded) > 3 else ''} are sharded (fully_shard / FSDP2 or "
+            "tensor parallelism): dpspeed does not support sharded parameters yet (its reduce-scatter of the "
+            "clipped sums is not written); train data-parallel with the bare model instead"
+        )
 
 
 def broadcast_state(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
