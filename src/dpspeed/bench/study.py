@@ -158,10 +158,17 @@ class Study:
             sizes = sorted({b for b in _powers_of_two(c.min_batch, search.largest)} | {search.largest})
             for batch in sizes:
                 x, y = workload.batch(batch, self.device)
-                row = throughput(setup, x, y, precision, c.repeats, c.warmup)
+                try:
+                    row = throughput(setup, x, y, precision, c.repeats, c.warmup)
+                except torch.OutOfMemoryError:  # fitted in the search; fragmentation can still tip it over
+                    logger.warning("%s ran out of memory at batch %d while timing; skipped", label, batch)
+                    setup.reset()
+                    continue
                 self.results["throughput"].append({**key, **row})
-            best = max((r for r in self.results["throughput"] if all(r[k] == v for k, v in key.items())),
-                       key=lambda r: r["per_second"])
+            timed = [r for r in self.results["throughput"] if all(r[k] == v for k, v in key.items())]
+            if not timed:
+                return
+            best = max(timed, key=lambda r: r["per_second"])
             x, y = workload.batch(best["batch"], self.device)
             self.results["breakdown"].append({**key, **breakdown(setup, x, y, precision, c.repeats)})
             self.results["end_to_end"].append(
