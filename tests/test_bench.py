@@ -20,7 +20,7 @@ from torch import nn
 
 from dpspeed.bench.amdahl import fit_parallel_fraction, speedup
 from dpspeed.bench.memory import LayerSize, fact_6_1, layer_sizes, peak_bytes
-from dpspeed.bench.report import build, compare, load
+from dpspeed.bench.report import build, load
 from dpspeed.bench.results import recommend, relative_throughput
 from dpspeed.bench.search import largest_batch
 from dpspeed.bench.setups import Setup

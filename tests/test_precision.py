@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpspeed.clipper import clip_factors
 from models import small_cases
 from reference import assert_close, per_example_grads, private_grads, reference_sum
 

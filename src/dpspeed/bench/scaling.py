@@ -17,7 +17,6 @@ from ..sections import SectionTimer
 from .amdahl import fit_parallel_fraction
 from .setups import NON_PRIVATE, Setup
 from .study import DEFAULT_MODES, BenchConfig, environment
-from .timing import sync
 from .workload import Workload
 
 
