@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import time
 import traceback
 import weakref
@@ -28,6 +27,7 @@ from dpspeed.bench.study import BenchConfig
 from dpspeed.bench.timing import breakdown
 from dpspeed.cli import main, parse_bytes
 from dpspeed.sections import SectionTimer, section
+from processes import free_port
 
 CPU = torch.device("cpu")
 
@@ -290,12 +290,6 @@ def test_amdahl_fit_recovers_known_parallel_fractions():
         fit_parallel_fraction([2, 4], [1.0, 2.0])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scaling_worker(rank: int, port: int, out: str) -> None:
     from dpspeed.bench.scaling import run_scaling
 
@@ -313,7 +307,7 @@ def _scaling_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_scaling_over_two_gloo_processes(tmp_path):
-    mp.start_processes(_scaling_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_scaling_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert records == [{"returned": True}, {"returned": False}], records
     scaling = json.loads((tmp_path / "results.json").read_text())["scaling"]

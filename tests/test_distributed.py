@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpspeed import PrivacyEngine
+from processes import free_port, single_process_group
 
 N, DIM = 24, 5
 
@@ -84,14 +84,8 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
             pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, scenario: str) -> list[dict]:
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), scenario), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path), scenario), nprocs=2, join=True, start_method="spawn")
     return [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
 
 
@@ -165,31 +159,26 @@ def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path):
     assert "all-reduce of the clipped gradients failed" in record["error"]
 
 
+def _make_private(model: nn.Module) -> None:
+    x, y = _data()
+    PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                                 noise_multiplier=1.0, max_grad_norm=1.0)
+
+
 def test_a_model_wrapped_in_ddp_is_refused_clearly():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
+    with single_process_group():
         wrapped = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
-        x, y = _data()
         with pytest.raises(ValueError, match="DistributedDataParallel"):
-            PrivacyEngine().make_private(module=wrapped, optimizer=torch.optim.SGD(wrapped.parameters(), lr=0.1),
-                                         data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
-                                         noise_multiplier=1.0, max_grad_norm=1.0)
-    finally:
-        dist.destroy_process_group()
+            _make_private(wrapped)
 
 
 def test_a_sharded_model_is_refused_clearly():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
+    with single_process_group():
         model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        x, y = _data()
         with pytest.raises(ValueError, match="sharded"):
-            PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                         data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
-                                         noise_multiplier=1.0, max_grad_norm=1.0)
-    finally:
-        dist.destroy_process_group()
+            _make_private(model)
