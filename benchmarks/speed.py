@@ -13,35 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import torch
 
-import dpspeed
+from dpspeed import models
 from dpspeed.bench.setups import NON_PRIVATE, Setup
+from dpspeed.bench.study import environment
 from dpspeed.bench.timing import timed_step
-from dpspeed.models import small_cnn
 
 MODES = ["per-example", "ghost", "mix-ghost", "bk", "bk-mix-ghost", "bk-mix-opt", "auto"]
-
-
-def build(name: str, image_size: int, classes: int) -> torch.nn.Module:
-    if name == "small_cnn":
-        return small_cnn(3, classes)
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=classes, img_size=image_size)
-    except TypeError:
-        return timm.create_model(name, pretrained=False, num_classes=classes)
 
 
 def measure_model(name: str, args) -> list[dict]:
     """Every mode on copies of one model and the same inputs, timed in interleaved rounds."""
     torch.manual_seed(0)
-    base = build(name, args.image_size, args.classes).to(args.device)
+    base = models.build(name if name in models.BUILTIN else f"timm:{name}", 3, args.image_size, args.classes)
+    base = base.to(args.device)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     y = torch.randint(0, args.classes, (args.batch,), device=args.device)
     labels = [NON_PRIVATE, *args.modes] + ([f"opacus-{m}" for m in ("hooks", "ghost")] if "opacus" in args.peers else [])
@@ -63,20 +52,6 @@ def measure_model(name: str, args) -> list[dict]:
         })
         setup.close()
     return rows
-
-
-def environment(device: str) -> dict:
-    import timm
-
-    try:
-        from opacus import __version__ as opacus_version
-    except ImportError:
-        opacus_version = None
-    return {"opacus": opacus_version,
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-        "dpspeed": dpspeed.__version__, "python": platform.python_version(),
-    }
 
 
 def main() -> None:
@@ -101,7 +76,7 @@ def main() -> None:
         print(f"{r['model']:24} {r['mode']:14} {r['batch']:5d} {r['images_per_second']:9.1f} {r['ratio_to_non_private']:6.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"environment": environment(args.device), "args": vars(args), "results": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"environment": environment(torch.device(args.device)), "args": vars(args), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ import torch
 _active: "SectionTimer | None" = None
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class SectionTimer:
     """Collects the exclusive seconds of every section entered while it is active."""
 
@@ -26,19 +32,15 @@ class SectionTimer:
         self.seconds: dict[str, float] = {}
         self._stack: list[list[float]] = []  # [start, seconds of nested sections]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
-        self._sync()
+        sync(self.device)
         frame = [time.perf_counter(), 0.0]
         self._stack.append(frame)
         try:
             yield
         finally:
-            self._sync()
+            sync(self.device)
             total = time.perf_counter() - frame[0]
             self._stack.pop()
             if self._stack:

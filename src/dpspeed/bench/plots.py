@@ -28,14 +28,27 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def throughput_vs_batch(results: dict, unit: str, out: Path) -> Path | None:
-    rows = results.get("throughput", [])
+def _per_model_and_precision(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
+    """The rows of each (model, precision), one panel each."""
     keys = sorted({(r["model"], r["precision"]) for r in rows})
-    if not keys:
+    return [(key, [r for r in rows if (r["model"], r["precision"]) == key]) for key in keys]
+
+
+def _grouped_bars(ax, setups: list[str], series: dict[str, dict[str, float]]) -> None:
+    """One group of bars per setup, one bar per series (precision) in each group."""
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(setups))], [values.get(s, 0) for s in setups], width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(setups))], setups, rotation=45, ha="right")
+    ax.legend()
+
+
+def throughput_vs_batch(results: dict, unit: str, out: Path) -> Path | None:
+    panels = _per_model_and_precision(results.get("throughput", []))
+    if not panels:
         return None
-    fig, axes = _panels(keys, lambda k: f"{k[0]} ({k[1]})")
-    for ax, (model, precision) in zip(axes, keys):
-        mine = [r for r in rows if r["model"] == model and r["precision"] == precision]
+    fig, axes = _panels([key for key, _ in panels], lambda k: f"{k[0]} ({k[1]})")
+    for ax, (_, mine) in zip(axes, panels):
         for setup in dict.fromkeys(r["setup"] for r in mine):
             line = sorted((r for r in mine if r["setup"] == setup), key=lambda r: r["batch"])
             xs = [r["batch"] for r in line]
@@ -56,15 +69,10 @@ def largest_batch(results: dict, out: Path) -> Path | None:
     fig, axes = _panels(keys, lambda k: k[0])
     for ax, (model,) in zip(axes, keys):
         mine = [r for r in rows if r["model"] == model]
-        precisions = list(dict.fromkeys(r["precision"] for r in mine))
-        setups = list(dict.fromkeys(r["setup"] for r in mine))
-        width = 0.8 / len(precisions)
-        for i, precision in enumerate(precisions):
-            values = {r["setup"]: r["largest"] for r in mine if r["precision"] == precision}
-            ax.bar([j + i * width for j in range(len(setups))], [values.get(s, 0) for s in setups], width, label=precision)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(setups))], setups, rotation=45, ha="right")
+        series = {p: {r["setup"]: r["largest"] for r in mine if r["precision"] == p}
+                  for p in dict.fromkeys(r["precision"] for r in mine)}
+        _grouped_bars(ax, list(dict.fromkeys(r["setup"] for r in mine)), series)
         ax.set_ylabel("largest physical batch (≥ where the search hit its limit)")
-        ax.legend()
     return _save(fig, out / "largest_batch.png")
 
 
@@ -97,26 +105,20 @@ def precision(results: dict, out: Path) -> Path | None:
         return None
     fig, axes = _panels([(m,) for m in models], lambda k: f"{k[0]}: speed-up over fp32")
     for ax, model in zip(axes, models):
-        precisions = sorted({p for m, p, _ in speed if m == model})
-        setups = list(dict.fromkeys(s for m, _, s in speed if m == model))
-        width = 0.8 / len(precisions)
-        for i, p in enumerate(precisions):
-            ax.bar([j + i * width for j in range(len(setups))], [speed.get((model, p, s), 0) for s in setups], width, label=p)
+        series = {p: {s: v for (m, q, s), v in speed.items() if m == model and q == p}
+                  for p in sorted({p for m, p, _ in speed if m == model})}
+        _grouped_bars(ax, list(dict.fromkeys(s for m, _, s in speed if m == model)), series)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(setups))], setups, rotation=45, ha="right")
         ax.set_ylabel("best throughput / best in fp32")
-        ax.legend()
     return _save(fig, out / "precision_speedup.png")
 
 
 def breakdown(results: dict, out: Path) -> Path | None:
-    rows = results.get("breakdown", [])
-    keys = sorted({(r["model"], r["precision"]) for r in rows})
-    if not keys:
+    panels = _per_model_and_precision(results.get("breakdown", []))
+    if not panels:
         return None
-    fig, axes = _panels(keys, lambda k: f"{k[0]} ({k[1]}): one step at the best batch")
-    for ax, (model, prec) in zip(axes, keys):
-        mine = [r for r in rows if r["model"] == model and r["precision"] == prec]
+    fig, axes = _panels([key for key, _ in panels], lambda k: f"{k[0]} ({k[1]}): one step at the best batch")
+    for ax, (_, mine) in zip(axes, panels):
         parts = list(dict.fromkeys(p for r in mine for p in r["parts"]))
         left = [0.0] * len(mine)
         for part in parts:

@@ -24,6 +24,13 @@ class SearchResult:
     tried: dict[int, bool] = field(default_factory=dict)  # size -> fitted
 
 
+def free_memory() -> None:
+    """Collect what a failed or finished step left unreachable and hand cached GPU blocks back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _fits(run: Callable[[int], None], size: int, cleanup: Callable[[], None]) -> bool:
     failed = False
     try:
@@ -34,9 +41,7 @@ def _fits(run: Callable[[int], None], size: int, cleanup: Callable[[], None]) ->
         failed = True  # leave the except block first: its traceback holds the failed step's tensors
     if failed:
         cleanup()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     return not failed
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 from typing import Iterator
 
 import torch
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..engine import PrivacyEngine
 from ..grouping import ClippingStyle
 from ..sections import section
+from .search import free_memory
 from .workload import logits
 
 NON_PRIVATE = "non-private"
@@ -36,9 +36,9 @@ def precision(name: str, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _placeholder_loader(batch: int) -> DataLoader:
+def _placeholder_loader() -> DataLoader:
     """make_private wants a data loader for the sampling rate; timing feeds batches directly."""
-    return DataLoader(TensorDataset(torch.zeros(max(batch, 1) * 8, 1)), batch_size=max(batch, 1))
+    return DataLoader(TensorDataset(torch.zeros(512, 1)), batch_size=64)
 
 
 class Setup:
@@ -62,7 +62,7 @@ class Setup:
             return
         self.engine = PrivacyEngine()
         self.model, self.optimizer, self.criterion, _ = self.engine.make_private(
-            module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(64), noise_multiplier=sigma,
+            module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(), noise_multiplier=sigma,
             max_grad_norm=1.0, criterion=self.criterion, clipping_mode=label, clipping_style=style,
             process_group=process_group,
         )
@@ -75,7 +75,7 @@ class Setup:
         from opacus import PrivacyEngine as OpacusEngine
 
         engine = OpacusEngine()
-        made = engine.make_private(module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(64),
+        made = engine.make_private(module=self.model, optimizer=self.optimizer, data_loader=_placeholder_loader(),
                                    noise_multiplier=sigma, max_grad_norm=1.0, grad_sample_mode=grad_sample_mode,
                                    criterion=self.criterion, poisson_sampling=False)
         self.model, self.optimizer = made[0], made[1]
@@ -109,18 +109,14 @@ class Setup:
             self.optimizer.zero_grad(set_to_none=True)
 
     def reset(self) -> None:
-        """Drop whatever a failed step left behind (after an out-of-memory error)."""
+        """Drop the gradients and sums a failed step left behind (after an out-of-memory error);
+        free_memory() then gives their memory back."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.engine is not None:
             self.engine.optimizer.summed = {}
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.detach()
         self.model = self.optimizer = self.criterion = self.engine = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()

@@ -19,7 +19,7 @@ from .. import __version__
 from ..modes import ALL_MODES
 from .memory import fact_6_1, layer_sizes, peak_bytes
 from .results import recommend
-from .search import largest_batch
+from .search import free_memory, largest_batch
 from .setups import NON_PRIVATE, Setup
 from .timing import breakdown, end_to_end, throughput
 from .workload import Workload
@@ -163,6 +163,7 @@ class Study:
                 except torch.OutOfMemoryError:  # fitted in the search; fragmentation can still tip it over
                     logger.warning("%s ran out of memory at batch %d while timing; skipped", label, batch)
                     setup.reset()
+                    free_memory()
                     continue
                 self.results["throughput"].append({**key, **row})
             timed = [r for r in self.results["throughput"] if all(r[k] == v for k, v in key.items())]

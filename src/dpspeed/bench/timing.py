@@ -9,14 +9,9 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..sections import SectionTimer
+from ..sections import SectionTimer, sync
 from .setups import Setup
 from .workload import Workload
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
