@@ -171,14 +171,3 @@ def test_a_model_wrapped_in_ddp_is_refused_clearly():
         wrapped = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
         with pytest.raises(ValueError, match="DistributedDataParallel"):
             _make_private(wrapped)
-
-
-def test_a_sharded_model_is_refused_clearly():
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    with single_process_group():
-        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(ValueError, match="sharded"):
-            _make_private(model)

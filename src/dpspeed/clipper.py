@@ -4,7 +4,7 @@ clipped per-example gradients: per-parameter squared norms, per-group factors, w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_map
@@ -151,42 +151,50 @@ def clip_factors(
 
 
 @torch.no_grad()
-def clipped_sums(pf: PassFactors, grouping: Grouping) -> dict[str, torch.Tensor]:
-    """sum_i C_i g_i per parameter: from explicit gradients where kept, by book-keeping elsewhere."""
+def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[dict[str, torch.Tensor]]:
+    """sum_i C_i g_i, layer by layer in the pass's order, each parameter once: from explicit
+    gradients where kept (every use of a shared parameter is explicit), by book-keeping elsewhere."""
 
     def factor(name: str) -> torch.Tensor:
         return pf.factors[grouping.group_of[name]]
 
-    sums: dict[str, torch.Tensor] = {}
-
-    def add_sum(name: str, value: torch.Tensor) -> None:
-        sums[name] = sums[name] + value if name in sums else value
-
-    reuses = {h for h in pf.calls if pf.methods[h].reuse and not pf.methods[h].ghost_norm}
-    for name in {n for h in reuses for n in h.params.values()}:
-        add_sum(name, weighted_sum(factor(name), pf.explicit[name]))
+    done: set[str] = set()
     for handler, cs in pf.calls.items():
-        if handler in reuses:
+        names = [n for n in handler.params.values() if n not in done]
+        done.update(names)
+        if not names:
             continue
+        method = pf.methods[handler]
+        if method.reuse and not method.ghost_norm:
+            yield {name: weighted_sum(factor(name), pf.explicit[name]) for name in names}
+            continue
+        sums: dict[str, torch.Tensor] = {}
         local_factors = {n: factor(g) for n, g in handler.params.items()}
         for call in cs:
             for n, s in _clipped_sum(handler, call, local_factors).items():
-                add_sum(handler.params[n], s)
-    return sums
+                name = handler.params[n]
+                sums[name] = sums[name] + s if name in sums else s
+        yield {name: sums[name] for name in names}  # in the handler's order, which every rank shares
 
 
 def clip_pass(
     recorded: Pass, grouping: Grouping, clip_fn: ClipFunction, loss_reduction: str, choose: MethodChooser,
-    row_mask: torch.Tensor | None = None,
+    row_mask: torch.Tensor | None = None, on_sums: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> ClippedPass:
-    """Clip each example of one pass per group and sum."""
+    """Clip each example of one pass per group and sum. With `on_sums`, each layer's sums go to it
+    as soon as they are formed (and are not kept in the result)."""
     with section("norms"):
         pf = clip_factors(recorded, grouping, clip_fn, loss_reduction, choose, row_mask)
     if pf is None:
         release(recorded)
         return ClippedPass({}, 0)
+    sums: dict[str, torch.Tensor] = {}
     with section("clipped sums"):
-        sums = clipped_sums(pf, grouping)
+        for part in clipped_sums(pf, grouping):
+            if on_sums is None:
+                sums.update(part)
+            else:
+                on_sums(part)
     release(recorded)
     return ClippedPass(sums, pf.nonfinite)
 

@@ -20,6 +20,7 @@ from .layers.base import Call, LayerRule
 from .layers.functional import FunctionalRule
 from .layers.param_ops import OpTapRecorder, OpUse, ParameterOpRule
 from .layers.registry import RULE_TYPES
+from .sharding import is_sharded
 from .trace import trace_uses
 
 
@@ -72,6 +73,7 @@ class Controller:
         self.model = model
         self.params = params
         self.param_grads = param_grads  # True: leave autograd's parameter gradients on (two-pass ghost)
+        self._slots = [(p, model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n, p in params.items()]
         self.handlers: list[Handler] = []
         self.passes: list[Pass] = []
         self.first_use_order: list[str] = list(params)
@@ -90,9 +92,11 @@ class Controller:
 
     # ----------------------------------------------------------------------------- attach/detach
     def attach(self) -> None:
-        self._install(build_handlers(self.model, self.params, None, self._fallback))
+        # built now to refuse unsupported layers early; their hooks go in after the first trace
+        self.handlers = build_handlers(self.model, self.params, None, self._fallback)
         self._root_hooks = [
-            self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True),
+            # first: under fully_shard, parameters stop requiring gradients before they are gathered
+            self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True),
             self.model.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True),
         ]
 
@@ -118,6 +122,12 @@ class Controller:
         self._handler_hooks = []
         self._root_enter = None
         for h in handlers:
+            if isinstance(h.rule, FunctionalRule) and any(is_sharded(self.params[n]) for n in h.params.values()):
+                raise ValueError(
+                    f"{type(h.module).__name__} at '{h.name or '<root>'}' needs the torch.func fallback, which "
+                    "replays the module with its full weights; that is not supported under fully_shard. Give "
+                    "it a rule, or keep its parameters out of the sharded modules"
+                )
             if isinstance(h.rule, ParameterOpRule):
                 self._handler_hooks += self._make_op_recording(h)
             else:
@@ -133,8 +143,12 @@ class Controller:
             self._paused = previous
 
     def _set_requires_grad(self, flag: bool) -> None:
-        for p in self.params.values():
+        """Set it on the parameters, and on the gathered tensors fully_shard may have put in their place."""
+        for p, module, local in self._slots:
             p.requires_grad_(flag)
+            current = module._parameters.get(local)
+            if current is not None and current is not p:
+                current.requires_grad_(flag)
 
     # ----------------------------------------------------------------------------- forward hooks
     @torch.compiler.disable  # hooks record with Python side effects: keep them out of compiled graphs
@@ -242,8 +256,8 @@ class Controller:
 
     def _make_op_recording(self, handler: Handler) -> list:
         """Hooks that record the ops using a module's bare parameters while its forward runs."""
-        params = {id(handler.module.get_parameter(n)): n for n in handler.params}
         modes: list[OpTapRecorder] = []
+        sharded = any(is_sharded(self.params[n]) for n in handler.params.values())
 
         def on_use(use: OpUse, leaves: list) -> list:
             rows = next((t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0), None)
@@ -254,7 +268,11 @@ class Controller:
         def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._recording():
                 inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-                modes.append(OpTapRecorder(params, inputs, on_use))
+                # looked up now: fully_shard puts gathered tensors in the module while it runs
+                current = {n: module.get_parameter(n) for n in handler.params}
+                # and frees them after: a sharded module's replay needs copies of the values used
+                values = {n: p.detach().clone() for n, p in current.items()} if sharded else None
+                modes.append(OpTapRecorder({id(p): n for n, p in current.items()}, inputs, on_use, values))
                 modes[-1].__enter__()
             else:
                 modes.append(None)
@@ -284,7 +302,8 @@ class Controller:
         ]
         if handler.own_code_only:
             for child in handler.module.children():
-                hooks.append(child.register_forward_pre_hook(child_enter, with_kwargs=True))
+                # first: a fully_shard child gathers its weights in its own pre-hook, unwatched
+                hooks.append(child.register_forward_pre_hook(child_enter, with_kwargs=True, prepend=True))
                 hooks.append(child.register_forward_hook(child_leave, with_kwargs=True, always_call=True))
         return hooks
 

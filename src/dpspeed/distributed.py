@@ -40,22 +40,23 @@ def check_not_wrapped(module: nn.Module) -> None:
             "do not wrap the model in DistributedDataParallel: dpspeed all-reduces the clipped gradients "
             "itself, once per logical batch; pass the bare model"
         )
-    from torch.distributed.tensor import DTensor
-
-    sharded = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
-    if sharded:
-        raise ValueError(
-            f"parameters {sharded[:3]}{'...' if len(sharded) > 3 else ''} are sharded (fully_shard / FSDP2 or "
-            "tensor parallelism): dpspeed does not support sharded parameters yet (its reduce-scatter of the "
-            "clipped sums is not written); train data-parallel with the bare model instead"
-        )
 
 
 def broadcast_state(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Every rank starts from rank 0's parameters and buffers."""
+    """Every rank starts from rank 0's parameters and buffers (sharded ones are each rank's own)."""
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=_source(group), group=group)
+            if not isinstance(tensor, DTensor):
+                dist.broadcast(tensor.data, src=_source(group), group=group)
+
+
+def most(value: int, group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """The largest of `value` over the ranks (`device`: where the group's backend communicates)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
 
 
 def shared_seed(seed: int | None, group: dist.ProcessGroup | None = None) -> int:

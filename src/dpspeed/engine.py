@@ -9,11 +9,12 @@ import weakref
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import distributed
+from . import distributed, sharding
 from .accounting import Accountant, noise_for_epsilon
 from .clipper import MethodChooser
 from .clipping import clipping_function
@@ -85,6 +86,24 @@ def _check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
         )
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's local shard; any other tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _sharding_group(shards: dict, process_group, two_pass: bool, clipping_mode: str):
+    """The process group of a model sharded by fully_shard (its mesh's), checked against the options."""
+    if two_pass:
+        raise ValueError(
+            f"clipping_mode={clipping_mode!r} takes the clipped sum from autograd's weight gradients, which "
+            "fully_shard reduce-scatters by its own rules; use a bk mode (or auto) with a sharded model"
+        )
+    group = sharding.mesh_group(shards)
+    if process_group is not None and dist.get_process_group_ranks(process_group) != dist.get_process_group_ranks(group):
+        raise ValueError("process_group differs from the device mesh the model is sharded on; leave it out")
+    return group
+
+
 class PrivacyEngine:
     """Opacus-compatible entry point: make_private, make_private_with_epsilon, get_epsilon, detach."""
 
@@ -132,6 +151,7 @@ class PrivacyEngine:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
         distributed.check_not_wrapped(module)
         params = _check_module(module)
+        shards = sharding.sharded_params(params)
         _check_optimizer(optimizer, module)
         _check_loader(data_loader)
         _check_criterion(criterion, loss_reduction)
@@ -153,16 +173,22 @@ class PrivacyEngine:
             )
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+        if shards:
+            process_group = _sharding_group(shards, process_group, two_pass, clipping_mode)
 
         num_samples = len(data_loader.dataset)
         self.sample_rate = data_loader.batch_size / num_samples
         rank, world = distributed.rank_and_world(process_group)
+        device = _local(next(iter(params.values()))).device
+        shard_noise, common_count = None, None
         if world > 1:
             if not poisson_sampling:
                 raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
             seed = distributed.shared_seed(seed, process_group)
+            if shards:
+                shard_noise = sharding.shard_generator(noise_generator, seed, device)
+                common_count = lambda n: distributed.most(n, process_group, device)  # noqa: E731
             if noise_generator is None:  # the same noise on every rank: it enters the global sum once
-                device = next(iter(params.values())).device
                 noise_generator = torch.Generator(device=device)
                 noise_generator.manual_seed(seed + 7919)
         if poisson_sampling:
@@ -172,7 +198,7 @@ class PrivacyEngine:
             logical = data_loader.batch_sampler
         dp_loader = DPDataLoader(
             data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
-            fixed_physical_batch=fixed_physical_batch, **loader_options(data_loader)
+            fixed_physical_batch=fixed_physical_batch, common_count=common_count, **loader_options(data_loader)
         )
 
         controller = Controller(module, params, param_grads=two_pass)
@@ -182,6 +208,7 @@ class PrivacyEngine:
             optimizer, controller, grouping, clip_fn, choose, noise_multiplier,
             expected_batch_size=float(data_loader.batch_size), loss_reduction=loss_reduction,
             noise_generator=noise_generator, two_pass=two_pass, process_group=process_group,
+            shards=shards, shard_noise_generator=shard_noise,
         )
         dp_optimizer.on_logical_step.append(self._account_step)
         if not two_pass:

@@ -25,12 +25,10 @@ class Handler:
     own_code_only: bool = False
 
 
-def _owner(model: nn.Module, param: nn.Parameter) -> tuple[str, nn.Module, str]:
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for local, p in module.named_parameters(recurse=False):
-            if p is param:
-                return module_name, module, local
-    raise ValueError("parameter not found in the model")  # callers check membership first
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that registers the parameter `name`, and its name there."""
+    module_name, _, local = name.rpartition(".")
+    return model.get_submodule(module_name), local
 
 
 def build_handlers(
@@ -42,15 +40,14 @@ def build_handlers(
     """One handler per module that uses trainable parameters; owners when nothing was traced."""
     names_of = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     placements: dict[nn.Module, dict[str, str]] = {}
-    for global_name, param in params.items():
+    for global_name in params:
         users = uses.users.get(global_name) if uses is not None else None
         if not users:
-            _, owner, local = _owner(model, param)
+            owner, local = _owner(model, global_name)
             placements.setdefault(owner, {})[local] = global_name
             continue
         for user in users:
-            local = next(n for n, p in user.named_parameters(remove_duplicate=False) if p is param)
-            placements.setdefault(user, {})[local] = global_name
+            placements.setdefault(user, {})[uses.local_names[id(user), global_name]] = global_name
     handlers = []
     for module, names in placements.items():
         rule = rule_for(module)

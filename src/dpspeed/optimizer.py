@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from . import distributed
+from . import distributed, sharding
 from .clipper import MethodChooser, clip_pass
 from .clipping import ClipFunction
 from .controller import Controller
@@ -37,6 +37,8 @@ class DPOptimizer(Optimizer):
         noise_generator: torch.Generator | None = None,
         two_pass: bool = False,
         process_group=None,
+        shards: dict | None = None,
+        shard_noise_generator: torch.Generator | None = None,
     ):
         self.original_optimizer = optimizer
         self.controller = controller
@@ -49,6 +51,9 @@ class DPOptimizer(Optimizer):
         self.noise_generator = noise_generator
         self.two_pass = two_pass  # ghost modes: the clipped sum arrives as autograd's .grad
         self.process_group = process_group  # the processes whose sums are added up (None: the world)
+        #: parameters sharded by fully_shard: their sums are reduce-scattered as soon as they are formed
+        self.shards = shards or {}
+        self.shard_noise_generator = shard_noise_generator  # differs on every rank: one shard each
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.state = optimizer.state
@@ -119,10 +124,41 @@ class DPOptimizer(Optimizer):
 
     def clip_and_add(self, recorded, grouping: Grouping) -> None:
         """Clip one recorded pass (or a released part of one) and add it to the running sums."""
-        clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask)
+        if not self.shards:
+            clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask)
+            for name, s in clipped.sums.items():
+                self._add(name, s)
+        else:
+            clipped = self._clip_and_reduce_to_shards(recorded, grouping)
         self.note_nonfinite(clipped.nonfinite)
-        for name, s in clipped.sums.items():
-            self._add(name, s)
+
+    def _clip_and_reduce_to_shards(self, recorded, grouping: Grouping):
+        """Reduce-scatter each layer's sums of sharded parameters as soon as they are formed, keeping
+        only this rank's shard. Every rank goes through the pass's layers in the same order, with
+        zeros where it has no examples, so the collectives match."""
+        order = dict.fromkeys(n for h, calls in recorded.items() if any(c.has_grads for c in calls)
+                              for n in h.params.values() if n in self.shards)
+        pending = iter(order)
+
+        def reduce(name: str, full: torch.Tensor) -> None:
+            with section("reduce-scatter"):
+                self._add(name, sharding.reduce_to_shard(full, self.shards[name]))
+
+        def on_sums(part: dict[str, torch.Tensor]) -> None:
+            for name, s in part.items():
+                if name not in self.shards:
+                    self._add(name, s)
+                    continue
+                if next(pending, None) != name:
+                    raise RuntimeError(f"the clipped sum of {name!r} came out of order; ranks would not match")
+                reduce(name, s)
+            part.clear()  # the full sums go as soon as they are scattered
+
+        clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask, on_sums)
+        for name in pending:  # no examples here: zeros, for the other ranks' collectives
+            param = self.shards[name]
+            reduce(name, torch.zeros(param.shape, dtype=to_acc(param).dtype, device=param.to_local().device))
+        return clipped
 
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -136,21 +172,24 @@ class DPOptimizer(Optimizer):
 
     def _privatise_and_step(self) -> None:
         std = self.noise_multiplier * self.grouping.total_threshold
-        if distributed.active(self.process_group):
+        replicated = {n: p for n, p in self.controller.params.items() if n not in self.shards}
+        if replicated and distributed.active(self.process_group):
             with section("all-reduce"):
-                self.summed = distributed.all_reduce_sums(self.summed, self.controller.params, self.process_group)
+                self.summed.update(distributed.all_reduce_sums(self.summed, replicated, self.process_group))
         with section("noise"):
             for name, p in self.controller.params.items():
+                sharded = name in self.shards
                 total = self.summed.pop(name, None)  # owned here: updated in place
                 if total is None:
-                    total = torch.zeros_like(p, dtype=to_acc(p).dtype)
+                    total = sharding.zeros_for_shard(p, to_acc(p).dtype) if sharded else torch.zeros_like(p, dtype=to_acc(p).dtype)
                 if std > 0:
-                    noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=total.dtype)
+                    generator = self.shard_noise_generator if sharded else self.noise_generator
+                    noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=total.dtype)
                     total.add_(noise, alpha=std)
                     del noise
                 if self.loss_reduction == "mean":
                     total.div_(self.expected_batch_size)
-                p.grad = total.to(p.dtype)
+                p.grad = sharding.as_sharded_grad(total, p) if sharded else total.to(p.dtype)
         with section("update"):
             self.original_optimizer.step()
         self._granted = {n: (p.grad, p.grad._version) for n, p in self.controller.params.items() if p.grad is not None}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -50,9 +50,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
 class _PhysicalBatches(Sampler[list[int]]):
     """Splits each logical batch into physical ones and queues whether each ends its logical batch."""
 
-    def __init__(self, logical: Sampler[list[int]] | Any, max_size: int | None):
+    def __init__(self, logical: Sampler[list[int]] | Any, max_size: int | None,
+                 common_count: Callable[[int], int] | None = None):
         self.logical = logical
         self.max_size = max_size
+        self.common_count = common_count  # sharded models: every rank runs as many physical batches
         self.ends: deque[bool] = deque()
 
     def __len__(self) -> int:
@@ -64,6 +66,8 @@ class _PhysicalBatches(Sampler[list[int]]):
             indices = list(indices)
             size = self.max_size or max(len(indices), 1)
             chunks = [indices[i : i + size] for i in range(0, len(indices), size)] or [[]]
+            if self.common_count is not None:
+                chunks += [[] for _ in range(self.common_count(len(chunks)) - len(chunks))]
             for k, chunk in enumerate(chunks):
                 self.ends.append(k == len(chunks) - 1)
                 yield chunk
@@ -110,6 +114,8 @@ class DPDataLoader:
     first example) that the optimizer masks out: they contribute nothing, and every forward pass
     sees one shape (for torch.compile and CUDA graphs). A mean-reduced loss then averages over the
     padded size, which dpspeed accounts for; only the logged loss value includes the padding.
+    `common_count(n)` turns this rank's n physical batches of a logical batch into the number all
+    ranks run (empty batches make up the difference): sharded models communicate in every pass.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class DPDataLoader:
         max_physical_batch_size: int | None = None,
         fixed_physical_batch: bool = False,
         collate_fn=None,
+        common_count: Callable[[int], int] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         **loader_kwargs,
@@ -134,7 +141,7 @@ class DPDataLoader:
         self.dataset = dataset
         self.fixed_size = max_physical_batch_size if fixed_physical_batch else None
         self.logical_batches = logical_batches
-        self.batches = _PhysicalBatches(logical_batches, max_physical_batch_size)
+        self.batches = _PhysicalBatches(logical_batches, max_physical_batch_size, common_count)
         self.filler = collate_fn([dataset[0]])
         empty = _empty_like(self.filler)
         self.loader = DataLoader(

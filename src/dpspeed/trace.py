@@ -27,6 +27,8 @@ class ParameterUses:
     unbatched_calls: set[int] = field(default_factory=set)  # ids of such modules
     #: parameter -> modules that used it in their own code (no child running), at every use
     direct_users: dict[str, list[nn.Module]] = field(default_factory=dict)
+    #: (id of a user, parameter) -> the parameter's name inside that user
+    local_names: dict[tuple[int, str], str] = field(default_factory=dict)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -44,6 +46,13 @@ class _UseRecorder(TorchFunctionMode):
         self._contents: dict[nn.Module, dict[int, str]] = {}
         self._batched: set[int] = set()
         self._alive: list[torch.Tensor] = []  # keeps ids unique while the trace runs
+
+    def forget_contents(self) -> None:
+        """Look the modules' parameters up again (they change while fully_shard modules run)."""
+        self._contents.clear()
+
+    def mark_alive(self, tensor: torch.Tensor) -> None:
+        self._alive.append(tensor)
 
     def mark_batched(self, tensors: list[torch.Tensor]) -> None:
         self._batched.update(id(t) for t in tensors)
@@ -77,6 +86,7 @@ class _UseRecorder(TorchFunctionMode):
             user = self._user(id(leaf))
             if user is not None and user not in self.uses.users[name]:
                 self.uses.users[name].append(user)
+                self.uses.local_names[id(user), name] = self._contents[user][id(leaf)]
             direct = self.uses.direct_users.setdefault(name, [self.stack[-1]] if self.stack else [])
             if not self.stack or self.stack[-1] not in direct:
                 self.uses.direct_users[name] = []  # used inside a child at least once
@@ -96,15 +106,26 @@ def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, k
     stack: list[nn.Module] = []
     handles = []
 
+    names = {id(p): n for n, p in params.items()}
+    slots = {(id(m), local): names[id(p)] for m in model.modules()
+             for local, p in m.named_parameters(recurse=False) if id(p) in names}
+
     def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # fully_shard puts gathered tensors in place of the parameters while a module runs
+        for local, p in module.named_parameters(recurse=False):
+            if (id(module), local) in slots:
+                recorder.params[id(p)] = slots[id(module), local]
+                recorder.mark_alive(p)
+        recorder.forget_contents()
         stack.append(module)
         if module is not model and not recorder.is_batched((args, kwargs)):
             uses.unbatched_calls.add(id(module))
 
     def leave(module: nn.Module, args: tuple, output) -> None:
         stack.pop()
+        recorder.forget_contents()
 
-    recorder = _UseRecorder({id(p): n for n, p in params.items()}, stack, uses)
+    recorder = _UseRecorder(dict(names), stack, uses)
     recorder.mark_batched(_tensors((args, kwargs)))
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))

@@ -33,6 +33,11 @@ class OpUse(Call):
     spec: Any = None
     recipes: dict[int, Recipe] = field(default_factory=dict)  # leaf position -> parameter-derived value
     batched: list[int] = field(default_factory=list)  # leaf positions of batched tensors
+    values: dict[str, torch.Tensor] | None = None  # parameter values at the use (None: the module's)
+
+    def release(self) -> None:
+        super().release()
+        self.leaves, self.values, self.recipes = [], None, {}
 
 
 def _replace_batch_ints(leaves: list, batch: int, example_batch: int) -> list:
@@ -42,9 +47,11 @@ def _replace_batch_ints(leaves: list, batch: int, example_batch: int) -> list:
 class OpTapRecorder(TorchFunctionMode):
     """Records the uses of `params` ({id: local name}) while a module's forward runs."""
 
-    def __init__(self, params: dict[int, str], inputs: list[torch.Tensor], on_use: Callable[[OpUse, list[torch.Tensor]], list]):
+    def __init__(self, params: dict[int, str], inputs: list[torch.Tensor], on_use: Callable[[OpUse, list[torch.Tensor]], list],
+                 values: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.params = params
+        self.values = values  # the parameters' values to replay with, when the module's own go away
         self.on_use = on_use
         self._batched: set[int] = {id(t) for t in inputs}
         self._recipes: dict[int, Recipe] = {}
@@ -88,16 +95,17 @@ class OpTapRecorder(TorchFunctionMode):
             if len(outputs) == 1:
                 scale = outputs[0].dim() > 0 and outputs[0].shape[0] == self.batch  # expand(B, ...)
 
-                def recipe(values, batch, leaves=leaves, recipes=recipes, scale=scale):
+                def recipe(values, batch, leaves=leaves, recipes=recipes, scale=scale, recorded_batch=self.batch):
                     args_ = [recipes[i](values, batch) if i in recipes else v for i, v in enumerate(leaves)]
                     if scale:
-                        args_ = _replace_batch_ints(args_, self.batch, batch)
+                        args_ = _replace_batch_ints(args_, recorded_batch, batch)
                     a, k = tree_unflatten(args_, spec)
                     return func(*a, **k)
 
                 self._recipes[id(outputs[0])] = recipe
             return out
-        use = OpUse(args=(), kwargs={}, func=func, leaves=leaves, spec=spec, recipes=recipes, batched=batched)
+        use = OpUse(args=(), kwargs={}, func=func, leaves=leaves, spec=spec, recipes=recipes, batched=batched,
+                    values=self.values)
         out_leaves, out_spec = tree_flatten(out)
         out_leaves = self.on_use(use, out_leaves)
         self._batched.update(id(t) for t in out_leaves if isinstance(t, torch.Tensor))
@@ -122,7 +130,7 @@ class ParameterOpRule(LayerRule):
             out = tree_flatten(call.func(*a, **k))[0]
             return tuple(out[i] for i in call.output_spec.indices)
 
-        values = {n: module.get_parameter(n).detach() for n in names}
+        values = call.values or {n: module.get_parameter(n).detach() for n in names}
         batched = [call.leaves[i].unsqueeze(1) for i in call.batched]
         return per_example_pullback(outputs, values, batched, 0, call, self.pause_recording,
                                     f"an op on {type(module).__name__}'s parameters")

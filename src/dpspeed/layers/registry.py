@@ -26,8 +26,18 @@ def register_rule(module_type: type, rule: LayerRule) -> None:
 _RULES_BY_NAME: dict[str, LayerRule] = {}
 
 
-def rule_for(module: nn.Module) -> LayerRule | None:
+def _own_class(module: nn.Module) -> type:
+    """The module's class; for a module fully_shard has made an FSDP<class>, the class it was."""
+    from torch.distributed.fsdp import FSDPModule
+
     cls = type(module)
+    if issubclass(cls, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    cls = _own_class(module)
     return _RULES.get(cls) or _RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
 
 

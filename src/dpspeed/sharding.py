@@ -1,0 +1,82 @@
+"""Parameters sharded by `fully_shard` (FSDP2): the clipped sums reduced to their shards.
+
+Per-example norms and clipped sums come from each layer's inputs and output gradients, so no
+full weight is needed after the forward pass. As soon as the clipped sum of a set of layers is
+formed, it is reduce-scattered over the mesh: each rank keeps the rows of its shard only (dim 0,
+`torch.chunk` layout, as FSDP2 shards), and the full sum is dropped. The noise is drawn by each
+rank for its own shard from a generator seeded per rank, so every coordinate gets its noise once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    return isinstance(p, DTensor)
+
+
+def sharded_params(params: dict[str, nn.Parameter]) -> dict[str, DTensor]:
+    """The parameters that are DTensors, checked to be sharded the way dpspeed supports: dim 0 of
+    one 1-D mesh (fully_shard's default), the same mesh for all of them."""
+    sharded = {n: p for n, p in params.items() if is_sharded(p)}
+    meshes = {id(p.device_mesh) for p in sharded.values()}
+    for name, p in sharded.items():
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                f"parameter {name!r} is placed as {tuple(p.placements)} on a {p.device_mesh.ndim}-d mesh; dpspeed "
+                "supports fully_shard on a 1-d mesh (Shard(0)) only, not tensor parallelism or HSDP"
+            )
+    if len(meshes) > 1:
+        raise ValueError("the sharded parameters lie on different device meshes; use one mesh for fully_shard")
+    return sharded
+
+
+def mesh_group(sharded: dict[str, DTensor]) -> dist.ProcessGroup:
+    return next(iter(sharded.values())).device_mesh.get_group()
+
+
+def _rows(param: DTensor) -> tuple[int, int]:
+    """(rows per shard, padded, and this rank's rows) of dim 0, in torch.chunk's layout."""
+    world = param.device_mesh.size()
+    rank = param.device_mesh.get_local_rank()
+    per_shard = -(-param.shape[0] // world)
+    return per_shard, max(0, min(per_shard, param.shape[0] - rank * per_shard))
+
+
+def reduce_to_shard(full: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """`full` summed over the ranks of the mesh, and only this rank's shard of it kept."""
+    world = param.device_mesh.size()
+    per_shard, mine = _rows(param)
+    padded = full.new_zeros(per_shard * world, *full.shape[1:])
+    padded[: full.shape[0]] = full
+    shard = full.new_empty(per_shard, *full.shape[1:])
+    try:
+        dist.reduce_scatter_single(shard, padded, group=param.device_mesh.get_group())
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"the reduce-scatter of the clipped gradients failed: another rank died or timed out ({err})"
+        ) from err
+    return shard[:mine]
+
+
+def zeros_for_shard(param: DTensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(param.to_local().shape, dtype=dtype, device=param.to_local().device)
+
+
+def as_sharded_grad(local: torch.Tensor, param: DTensor) -> DTensor:
+    """This rank's shard of a gradient, as the DTensor `.grad` of a sharded parameter."""
+    return DTensor.from_local(local.to(param.dtype), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride())
+
+
+def shard_generator(base: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
+    """A noise generator that differs on every rank of the mesh: each rank draws its shard's noise."""
+    rank = dist.get_rank()
+    generator = torch.Generator(device=device)
+    start = base.initial_seed() if base is not None else seed
+    generator.manual_seed((start + 104729 * (rank + 1)) % 2**63)
+    return generator

@@ -1,0 +1,189 @@
+"""Models sharded by fully_shard (FSDP2) over 2 processes (gloo on the CPU): the same update as one
+process on the union of the ranks' examples, noise once per coordinate, and a model whose DP
+training does not fit one process's memory budget trains when sharded."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpspeed import PrivacyEngine
+from memory_cap import MemoryCap
+from processes import free_port, single_process_group
+from reference import assert_close, per_example_grads, reference_groups, reference_sum
+
+N, DIM, R = 24, 5, 0.5
+
+
+class Net(nn.Module):
+    """A bare parameter used in the root's own code (op-tap rule), a LayerNorm, and linear layers
+    with row counts that do not split evenly over 2 ranks."""
+
+    def __init__(self, width: int = 7, depth: int = 1):
+        super().__init__()
+        self.pos = nn.Parameter(0.1 * torch.randn(DIM))
+        self.fc1 = nn.Linear(DIM, width)
+        self.norm = nn.LayerNorm(width)
+        self.hidden = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth - 1)])
+        self.fc2 = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.norm(self.fc1(x + self.pos)))
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+        return self.fc2(h)
+
+
+def _data(n: int = N):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, DIM, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _shard(model: Net, mesh) -> Net:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in [model.fc1, *model.hidden, model.fc2]:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+SCENARIOS = {  # name: (clipping_mode, clipping_style, noise_multiplier)
+    "all-layer": ("bk", "all-layer", 0.0),
+    "layer-wise": ("auto", "layer-wise", 0.0),
+    "noise": ("bk", "all-layer", 1.0),
+}
+
+
+def _worker(rank: int, port: int, out: str, scenario: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=30))
+        mode, style, noise = SCENARIOS[scenario]
+        x, y = _data()
+        torch.manual_seed(0)  # the same full model on both ranks; each keeps its shard
+        model = _shard(Net(), init_device_mesh("cpu", (2,)))
+        start = {n: p.full_tensor().tolist() for n, p in model.named_parameters()}
+        engine = PrivacyEngine()
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=noise, max_grad_norm=R,
+            max_physical_batch_size=2, seed=5, loss_reduction="sum", clipping_mode=mode, clipping_style=style,
+        )
+        scattered = []
+        original = dist.reduce_scatter_single
+
+        def counted(output, input, *args, **kwargs):
+            scattered.append(input.numel())
+            return original(output, input, *args, **kwargs)
+
+        dist.reduce_scatter_single = counted
+        record = {"indices": [], "grads": [], "local": [], "physical": [], "start": start}
+        batches = iter(loader.logical_batches)
+        record["indices"] = [next(batches) for _ in range(3)]
+        loader.logical_batches.generator.manual_seed(5 + rank)  # replay the same draws for training
+        physical = 0
+        for xb, yb in loader:
+            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+            opt.step()
+            physical += 1
+            if opt.is_last_physical_batch:
+                record["grads"].append({n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()})
+                record["local"].append({n: p.grad.to_local().tolist() for n, p in model.named_parameters()})
+                record["physical"].append(physical)
+                physical = 0
+            opt.zero_grad()
+            if len(record["grads"]) == 3:
+                break
+        record["scattered"] = scattered
+        record["rules"] = {h.name: type(h.rule).__name__ for h in engine.controller.handlers}
+        record["epsilon"] = engine.get_epsilon(1e-5)
+    except Exception as err:  # reported to the test
+        record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, scenario: str) -> list[dict]:
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path), scenario), nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    return ranks
+
+
+def _reference(indices: list[int], start: dict, style: str) -> dict[str, torch.Tensor]:
+    """One unsharded process, one example at a time, on the union of the ranks' examples."""
+    x, y = _data()
+    model = Net()
+    model.load_state_dict({n: torch.tensor(v) for n, v in start.items()})
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="sum")
+    grads = per_example_grads(model, loss, [(x[i : i + 1], y[i : i + 1]) for i in indices])
+    groups = reference_groups(style, list(start))
+    return reference_sum(grads, groups, [R / math.sqrt(len(groups))] * len(groups), "abadi")
+
+
+@pytest.mark.parametrize("scenario", ["all-layer", "layer-wise"])
+def test_sharded_update_equals_one_process_on_the_union(tmp_path, scenario):
+    ranks = _run(tmp_path, scenario)
+    style = SCENARIOS[scenario][1]
+    for step in range(3):
+        union = ranks[0]["indices"][step] + ranks[1]["indices"][step]
+        want = _reference(union, ranks[0]["start"], style)
+        for r in ranks:
+            assert_close({n: torch.tensor(v) for n, v in r["grads"][step].items()}, want, 1e-5)
+    # fully_shard's FSDPLinear is still a Linear to dpspeed: no slow fallback
+    assert ranks[0]["rules"] == {"": "ParameterOpRule", "fc1": "LinearRule", "norm": "LayerNormRule", "fc2": "LinearRule"}
+    # every rank ran as many physical batches, though their local batches differ in size
+    assert ranks[0]["physical"] == ranks[1]["physical"]
+    local_sizes = [[len(r["indices"][s]) for s in range(3)] for r in ranks]
+    assert local_sizes[0] != local_sizes[1]
+    # each rank keeps only its rows of each gradient
+    for name, value in ranks[0]["start"].items():
+        rows = [len(r["local"][0][name]) for r in ranks]
+        assert sum(rows) == len(value) and rows[0] == math.ceil(len(value) / 2)
+    # one gradient's worth (padded to equal shards) reduce-scattered per physical batch
+    padded = sum(2 * math.ceil(len(v) / 2) * (len(v[0]) if isinstance(v[0], list) else 1)
+                 for v in ranks[0]["start"].values())
+    assert sum(ranks[0]["scattered"]) == padded * sum(ranks[0]["physical"])
+    assert ranks[0]["epsilon"] == ranks[1]["epsilon"]
+
+
+def test_sharded_noise_is_added_once_per_coordinate(tmp_path):
+    ranks = _run(tmp_path, "noise")
+    noise = []
+    for step in range(3):
+        assert ranks[0]["grads"][step] == ranks[1]["grads"][step]  # both ranks see the same gradient
+        want = _reference(ranks[0]["indices"][step] + ranks[1]["indices"][step], ranks[0]["start"], "all-layer")
+        noise.append({n: torch.tensor(v) - want[n] for n, v in ranks[0]["grads"][step].items()})
+    flat = torch.cat([v.flatten() for step in noise for v in step.values()])
+    assert 0.8 * R < float(flat.std()) < 1.2 * R  # sigma * R: once, not once per rank
+    # the ranks draw different noise for their shards (the same generator would repeat it)
+    weight = noise[0]["fc1.weight"]  # 7 rows: 4 on rank 0, 3 on rank 1
+    assert not torch.allclose(weight[:3], weight[4:7])
+
+
+def test_a_sharded_model_needs_a_bk_mode():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with single_process_group():
+        model = _shard(Net(), init_device_mesh("cpu", (1,)))
+        x, y = _data()
+        with pytest.raises(ValueError, match="bk mode"):
+            PrivacyEngine().make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+                criterion=nn.CrossEntropyLoss(), clipping_mode="ghost",
+            )
