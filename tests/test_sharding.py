@@ -175,6 +175,61 @@ def test_sharded_noise_is_added_once_per_coordinate(tmp_path):
     assert not torch.allclose(weight[:3], weight[4:7])
 
 
+BUDGET = 6_000_000  # bytes of tensors one process may hold
+
+
+def _train_within_budget(world: int) -> dict:
+    """Two logical steps of Adam on a 1.3 MB model (6 hidden layers of 256), everything from the
+    model's construction on counted against BUDGET."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    x, y = _data()
+    with MemoryCap(BUDGET) as cap:
+        torch.manual_seed(0)
+        model = Net(width=256, depth=6)
+        if world > 1:
+            _shard(model, init_device_mesh("cpu", (world,)))
+        start = [p.detach().clone() for p in model.parameters()]
+        engine = PrivacyEngine()
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=1.0, max_grad_norm=R,
+            max_physical_batch_size=3, seed=1, clipping_mode="bk",
+        )
+        steps = 0
+        for xb, yb in loader:
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            opt.zero_grad()
+            steps += opt.is_last_physical_batch
+            if steps == 2:
+                break
+        moved = all(not torch.equal(a, b.detach()) for a, b in zip(start, model.parameters()))
+    return {"peak": cap.peak, "moved": moved}
+
+
+def _budget_worker(rank: int, port: int, out: str) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=30))
+        record = _train_within_budget(2)
+    except Exception as err:  # reported to the test
+        record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_model_over_one_process_budget_trains_sharded_over_two(tmp_path):
+    with pytest.raises(torch.OutOfMemoryError):
+        _train_within_budget(1)
+    mp.start_processes(_budget_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    assert all(r["moved"] and r["peak"] <= BUDGET for r in ranks)
+
+
 def test_a_sharded_model_needs_a_bk_mode():
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -301,8 +301,9 @@ class Controller:
             handler.module.register_forward_hook(leave, with_kwargs=True, always_call=True),
         ]
         if handler.own_code_only:
-            for child in handler.module.children():
-                # first: a fully_shard child gathers its weights in its own pre-hook, unwatched
+            # every submodule, not only children: a parent may call its grandchildren (for layer in self.blocks)
+            for child in list(handler.module.modules())[1:]:
+                # first: a fully_shard submodule gathers its weights in its own pre-hook, unwatched
                 hooks.append(child.register_forward_pre_hook(child_enter, with_kwargs=True, prepend=True))
                 hooks.append(child.register_forward_hook(child_leave, with_kwargs=True, always_call=True))
         return hooks

@@ -52,6 +52,7 @@ class OpTapRecorder(TorchFunctionMode):
         super().__init__()
         self.params = params
         self.values = values  # the parameters' values to replay with, when the module's own go away
+        self._submodules_running = 0
         self.on_use = on_use
         self._batched: set[int] = {id(t) for t in inputs}
         self._recipes: dict[int, Recipe] = {}
@@ -59,11 +60,18 @@ class OpTapRecorder(TorchFunctionMode):
         self.batch = next((t.shape[0] for t in inputs if t.dim() > 0), None)
 
     def suspend(self) -> None:
-        """Stop watching (while a child module runs: the parameters are used in this module's own code)."""
-        self.__exit__(None, None, None)
+        """Stop watching while a submodule runs (the parameters are used in this module's own code);
+        submodules of submodules nest."""
+        self._submodules_running += 1
+        if self._submodules_running == 1:
+            self.__exit__(None, None, None)
 
     def resume(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        """Watch again; a child's outputs are batched when any of its inputs was."""
+        """Watch again once the outermost submodule returns; its outputs are batched when any of its
+        inputs was."""
+        self._submodules_running -= 1
+        if self._submodules_running:
+            return
         if any(id(t) in self._batched for t in inputs):
             self._batched.update(id(t) for t in outputs)
             self._alive.extend(outputs)
