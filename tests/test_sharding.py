@@ -175,6 +175,67 @@ def test_sharded_noise_is_added_once_per_coordinate(tmp_path):
     assert not torch.allclose(weight[:3], weight[4:7])
 
 
+def _vit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+
+
+def _images():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _vit_worker(rank: int, port: int, out: str) -> None:
+    """One logical batch of a timm ViT with fully_shard on each block and the root (auto, layer-wise)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        model, mesh = _vit(), init_device_mesh("cpu", (2,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x, y = _images()
+        model, opt, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=0.0, max_grad_norm=R,
+            max_physical_batch_size=3, seed=3, loss_reduction="sum", clipping_mode="auto", clipping_style="layer-wise",
+        )
+        indices = next(iter(loader.logical_batches))
+        loader.logical_batches.generator.manual_seed(3 + rank)  # replay the same draw
+        for xb, yb in loader:
+            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+            opt.step()
+            if opt.is_last_physical_batch:
+                break
+            opt.zero_grad()
+        record = {"indices": indices, "grads": {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()}}
+    except Exception as err:  # reported to the test
+        record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_sharded_timm_vit_equals_one_example_at_a_time(tmp_path):
+    mp.start_processes(_vit_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    union = ranks[0]["indices"] + ranks[1]["indices"]
+    x, y = _images()
+    model = _vit()
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="sum")
+    grads = per_example_grads(model, loss, [(x[i : i + 1], y[i : i + 1]) for i in union])
+    groups = reference_groups("layer-wise", [n for n, p in model.named_parameters()])
+    want = reference_sum(grads, groups, [R / math.sqrt(len(groups))] * len(groups), "abadi")
+    assert_close({n: torch.tensor(v) for n, v in ranks[0]["grads"].items()}, want, 1e-4)
+
+
 BUDGET = 6_000_000  # bytes of tensors one process may hold
 
 
