@@ -86,11 +86,6 @@ def _check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
         )
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter's local shard; any other tensor itself."""
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
 def _sharding_group(shards: dict, process_group, two_pass: bool, clipping_mode: str):
     """The process group of a model sharded by fully_shard (its mesh's), checked against the options."""
     if two_pass:
@@ -179,7 +174,7 @@ class PrivacyEngine:
         num_samples = len(data_loader.dataset)
         self.sample_rate = data_loader.batch_size / num_samples
         rank, world = distributed.rank_and_world(process_group)
-        device = _local(next(iter(params.values()))).device
+        device = sharding.compute_device(next(iter(shards.values()))) if shards else next(iter(params.values())).device
         shard_noise, common_count = None, None
         if world > 1:
             if not poisson_sampling:

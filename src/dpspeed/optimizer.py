@@ -157,7 +157,7 @@ class DPOptimizer(Optimizer):
         clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask, on_sums)
         for name in pending:  # no examples here: zeros, for the other ranks' collectives
             param = self.shards[name]
-            reduce(name, torch.zeros(param.shape, dtype=to_acc(param).dtype, device=param.to_local().device))
+            reduce(name, torch.zeros(param.shape, dtype=to_acc(param).dtype, device=sharding.compute_device(param)))
         return clipped
 
     def step(self, closure: Callable[[], float] | None = None):

@@ -40,7 +40,7 @@ def mesh_group(sharded: dict[str, DTensor]) -> dist.ProcessGroup:
 
 
 def _rows(param: DTensor) -> tuple[int, int]:
-    """(rows per shard, padded, and this rank's rows) of dim 0, in torch.chunk's layout."""
+    """The rows of dim 0 per shard (padded) and this rank's rows, in torch.chunk's layout."""
     world = param.device_mesh.size()
     rank = param.device_mesh.get_local_rank()
     per_shard = -(-param.shape[0] // world)
@@ -63,14 +63,21 @@ def reduce_to_shard(full: torch.Tensor, param: DTensor) -> torch.Tensor:
     return shard[:mine]
 
 
+def compute_device(param: DTensor) -> torch.device:
+    """Where the mesh computes and communicates (the shard itself may be offloaded to the CPU)."""
+    kind = param.device_mesh.device_type
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
 def zeros_for_shard(param: DTensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(param.to_local().shape, dtype=dtype, device=param.to_local().device)
+    return torch.zeros(param.to_local().shape, dtype=dtype, device=compute_device(param))
 
 
 def as_sharded_grad(local: torch.Tensor, param: DTensor) -> DTensor:
-    """This rank's shard of a gradient, as the DTensor `.grad` of a sharded parameter."""
-    return DTensor.from_local(local.to(param.dtype), param.device_mesh, param.placements,
-                              shape=param.shape, stride=param.stride())
+    """This rank's shard of a gradient, as the DTensor `.grad` of a sharded parameter (on the
+    shard's device)."""
+    local = local.to(device=param.to_local().device, dtype=param.dtype)
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
 
 
 def shard_generator(base: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
