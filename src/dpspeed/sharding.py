@@ -23,14 +23,14 @@ def sharded_params(params: dict[str, nn.Parameter]) -> dict[str, DTensor]:
     """The parameters that are DTensors, checked to be sharded the way dpspeed supports: dim 0 of
     one 1-D mesh (fully_shard's default), the same mesh for all of them."""
     sharded = {n: p for n, p in params.items() if is_sharded(p)}
-    meshes = {id(p.device_mesh) for p in sharded.values()}
     for name, p in sharded.items():
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
             raise ValueError(
                 f"parameter {name!r} is placed as {tuple(p.placements)} on a {p.device_mesh.ndim}-d mesh; dpspeed "
                 "supports fully_shard on a 1-d mesh (Shard(0)) only, not tensor parallelism or HSDP"
             )
-    if len(meshes) > 1:
+    first = next(iter(sharded.values()), None)
+    if any(p.device_mesh != first.device_mesh for p in sharded.values()):
         raise ValueError("the sharded parameters lie on different device meshes; use one mesh for fully_shard")
     return sharded
 
