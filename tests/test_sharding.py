@@ -64,51 +64,13 @@ SCENARIOS = {  # name: (clipping_mode, clipping_style, noise_multiplier)
 }
 
 
-def _worker(rank: int, port: int, out: str, scenario: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
+def _spawned(rank: int, port: int, out: str, work: str, *args) -> None:
+    """A rank of a 2-process gloo group: runs WORK[work](rank, *args) and writes what it returns
+    (or its error) to out/rank{rank}.json."""
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=30))
-        mode, style, noise = SCENARIOS[scenario]
-        x, y = _data()
-        torch.manual_seed(0)  # the same full model on both ranks; each keeps its shard
-        model = _shard(Net(), init_device_mesh("cpu", (2,)))
-        start = {n: p.full_tensor().tolist() for n, p in model.named_parameters()}
-        engine = PrivacyEngine()
-        model, opt, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-            data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=noise, max_grad_norm=R,
-            max_physical_batch_size=2, seed=5, loss_reduction="sum", clipping_mode=mode, clipping_style=style,
-        )
-        scattered = []
-        original = dist.reduce_scatter_single
-
-        def counted(output, input, *args, **kwargs):
-            scattered.append(input.numel())
-            return original(output, input, *args, **kwargs)
-
-        dist.reduce_scatter_single = counted
-        record = {"indices": [], "grads": [], "local": [], "physical": [], "start": start}
-        batches = iter(loader.logical_batches)
-        record["indices"] = [next(batches) for _ in range(3)]
-        loader.logical_batches.generator.manual_seed(5 + rank)  # replay the same draws for training
-        physical = 0
-        for xb, yb in loader:
-            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
-            opt.step()
-            physical += 1
-            if opt.is_last_physical_batch:
-                record["grads"].append({n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()})
-                record["local"].append({n: p.grad.to_local().tolist() for n, p in model.named_parameters()})
-                record["physical"].append(physical)
-                physical = 0
-            opt.zero_grad()
-            if len(record["grads"]) == 3:
-                break
-        record["scattered"] = scattered
-        record["rules"] = {h.name: type(h.rule).__name__ for h in engine.controller.handlers}
-        record["epsilon"] = engine.get_epsilon(1e-5)
+                                timeout=timedelta(seconds=60))
+        record = WORK[work](rank, *args)
     except Exception as err:  # reported to the test
         record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -117,11 +79,58 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, scenario: str) -> list[dict]:
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path), scenario), nprocs=2, join=True, start_method="spawn")
+def _run(tmp_path, work: str, *args) -> list[dict]:
+    mp.start_processes(_spawned, args=(free_port(), str(tmp_path), work, *args), nprocs=2, join=True,
+                       start_method="spawn")
     ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
     return ranks
+
+
+def _scenario(rank: int, scenario: str) -> dict:
+    """Three logical batches of Net with fully_shard on each linear layer and the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mode, style, noise = SCENARIOS[scenario]
+    x, y = _data()
+    torch.manual_seed(0)  # the same full model on both ranks; each keeps its shard
+    model = _shard(Net(), init_device_mesh("cpu", (2,)))
+    start = {n: p.full_tensor().tolist() for n, p in model.named_parameters()}
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=noise, max_grad_norm=R,
+        max_physical_batch_size=2, seed=5, loss_reduction="sum", clipping_mode=mode, clipping_style=style,
+    )
+    scattered = []
+    original = dist.reduce_scatter_single
+
+    def counted(output, input, *args, **kwargs):
+        scattered.append(input.numel())
+        return original(output, input, *args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    record = {"indices": [], "grads": [], "local": [], "physical": [], "start": start}
+    batches = iter(loader.logical_batches)
+    record["indices"] = [next(batches) for _ in range(3)]
+    loader.logical_batches.generator.manual_seed(5 + rank)  # replay the same draws for training
+    physical = 0
+    for xb, yb in loader:
+        nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+        opt.step()
+        physical += 1
+        if opt.is_last_physical_batch:
+            record["grads"].append({n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()})
+            record["local"].append({n: p.grad.to_local().tolist() for n, p in model.named_parameters()})
+            record["physical"].append(physical)
+            physical = 0
+        opt.zero_grad()
+        if len(record["grads"]) == 3:
+            break
+    record["scattered"] = scattered
+    record["rules"] = {h.name: type(h.rule).__name__ for h in engine.controller.handlers}
+    record["epsilon"] = engine.get_epsilon(1e-5)
+    return record
 
 
 def _reference(indices: list[int], start: dict, style: str) -> dict[str, torch.Tensor]:
@@ -137,7 +146,7 @@ def _reference(indices: list[int], start: dict, style: str) -> dict[str, torch.T
 
 @pytest.mark.parametrize("scenario", ["all-layer", "layer-wise"])
 def test_sharded_update_equals_one_process_on_the_union(tmp_path, scenario):
-    ranks = _run(tmp_path, scenario)
+    ranks = _run(tmp_path, "scenario", scenario)
     style = SCENARIOS[scenario][1]
     for step in range(3):
         union = ranks[0]["indices"][step] + ranks[1]["indices"][step]
@@ -162,7 +171,7 @@ def test_sharded_update_equals_one_process_on_the_union(tmp_path, scenario):
 
 
 def test_sharded_noise_is_added_once_per_coordinate(tmp_path):
-    ranks = _run(tmp_path, "noise")
+    ranks = _run(tmp_path, "scenario", "noise")
     noise = []
     for step in range(3):
         assert ranks[0]["grads"][step] == ranks[1]["grads"][step]  # both ranks see the same gradient
@@ -187,45 +196,34 @@ def _images():
     return torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g)
 
 
-def _vit_worker(rank: int, port: int, out: str) -> None:
+def _vit_run(rank: int) -> dict:
     """One logical batch of a timm ViT with fully_shard on each block and the root (auto, layer-wise)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=60))
-        model, mesh = _vit(), init_device_mesh("cpu", (2,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        x, y = _images()
-        model, opt, loader = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-            data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=0.0, max_grad_norm=R,
-            max_physical_batch_size=3, seed=3, loss_reduction="sum", clipping_mode="auto", clipping_style="layer-wise",
-        )
-        indices = next(iter(loader.logical_batches))
-        loader.logical_batches.generator.manual_seed(3 + rank)  # replay the same draw
-        for xb, yb in loader:
-            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
-            opt.step()
-            if opt.is_last_physical_batch:
-                break
-            opt.zero_grad()
-        record = {"indices": indices, "grads": {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()}}
-    except Exception as err:  # reported to the test
-        record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    model, mesh = _vit(), init_device_mesh("cpu", (2,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x, y = _images()
+    model, opt, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=0.0, max_grad_norm=R,
+        max_physical_batch_size=3, seed=3, loss_reduction="sum", clipping_mode="auto", clipping_style="layer-wise",
+    )
+    indices = next(iter(loader.logical_batches))
+    loader.logical_batches.generator.manual_seed(3 + rank)  # replay the same draw
+    for xb, yb in loader:
+        nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+        opt.step()
+        if opt.is_last_physical_batch:
+            break
+        opt.zero_grad()
+    return {"indices": indices, "grads": {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()}}
 
 
 def test_a_sharded_timm_vit_equals_one_example_at_a_time(tmp_path):
-    mp.start_processes(_vit_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
-    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    ranks = _run(tmp_path, "vit")
     union = ranks[0]["indices"] + ranks[1]["indices"]
     x, y = _images()
     model = _vit()
@@ -269,26 +267,18 @@ def _train_within_budget(world: int) -> dict:
     return {"peak": cap.peak, "moved": moved}
 
 
-def _budget_worker(rank: int, port: int, out: str) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=30))
-        record = _train_within_budget(2)
-    except Exception as err:  # reported to the test
-        record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def test_a_model_over_one_process_budget_trains_sharded_over_two(tmp_path):
     with pytest.raises(torch.OutOfMemoryError):
         _train_within_budget(1)
-    mp.start_processes(_budget_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
-    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    ranks = _run(tmp_path, "budget")
     assert all(r["moved"] and r["peak"] <= BUDGET for r in ranks)
+
+
+def _budget_run(rank: int) -> dict:
+    return _train_within_budget(2)
+
+
+WORK = {"scenario": _scenario, "vit": _vit_run, "budget": _budget_run}
 
 
 def test_a_sharded_model_needs_a_bk_mode():
