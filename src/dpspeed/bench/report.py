@@ -92,7 +92,7 @@ def build(results: dict, out: Path) -> Path:
         lines += ["", "## Where the time goes", "",
                   "One step whose physical batch is also the last of its logical batch, in ms, parts timed with "
                   "device synchronisation (exclusive: a part inside another is not counted twice), next to "
-                  "uninstrumented steps. *bookkeeping* is the rest of the optimizer step (for Opacus, all of its "
+                  "uninstrumented steps; *sum* is the median over runs of each run's total. *bookkeeping* is the rest of the optimizer step (for Opacus, all of its "
                   "clipping, which it does not mark in parts).", ""]
         rows = [[r["model"], r["precision"], r["setup"], r["batch"],
                  ", ".join(f"{k} {1e3 * v:.2f}" for k, v in r["parts"].items()),
