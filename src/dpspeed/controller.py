@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .handlers import Handler, build_handlers
+from .handlers import Handler, build_handlers, owner_of
 from .layers.base import Call, LayerRule
 from .layers.functional import FunctionalRule
 from .layers.param_ops import OpTapRecorder, OpUse, ParameterOpRule
@@ -73,7 +73,7 @@ class Controller:
         self.model = model
         self.params = params
         self.param_grads = param_grads  # True: leave autograd's parameter gradients on (two-pass ghost)
-        self._slots = [(p, model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n, p in params.items()]
+        self._slots = [(p, *owner_of(model, n)) for n, p in params.items()]
         self.handlers: list[Handler] = []
         self.passes: list[Pass] = []
         self.first_use_order: list[str] = list(params)

@@ -59,9 +59,11 @@ def most(value: int, group: dist.ProcessGroup | None, device: torch.device) -> i
     return int(t.item())
 
 
-def shared_seed(seed: int | None, group: dist.ProcessGroup | None = None) -> int:
-    """A seed equal on every rank (rank 0's draw when none is given)."""
-    value = torch.tensor([seed if seed is not None else int(torch.randint(2**62, ()).item())], dtype=torch.int64)
+def shared_seed(seed: int | None, group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """A seed equal on every rank (rank 0's draw when none is given); `device`: where the group's
+    backend communicates (NCCL takes CUDA tensors only)."""
+    value = torch.tensor([seed if seed is not None else int(torch.randint(2**62, ()).item())], dtype=torch.int64,
+                         device=device)
     dist.broadcast(value, src=_source(group), group=group)
     return int(value.item())
 

@@ -179,7 +179,7 @@ class PrivacyEngine:
         if world > 1:
             if not poisson_sampling:
                 raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
-            seed = distributed.shared_seed(seed, process_group)
+            seed = distributed.shared_seed(seed, process_group, device)
             if shards:
                 shard_noise = sharding.shard_generator(noise_generator, seed, device)
                 common_count = lambda n: distributed.most(n, process_group, device)  # noqa: E731

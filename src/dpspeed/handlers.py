@@ -25,7 +25,7 @@ class Handler:
     own_code_only: bool = False
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module that registers the parameter `name`, and its name there."""
     module_name, _, local = name.rpartition(".")
     return model.get_submodule(module_name), local
@@ -43,7 +43,7 @@ def build_handlers(
     for global_name in params:
         users = uses.users.get(global_name) if uses is not None else None
         if not users:
-            owner, local = _owner(model, global_name)
+            owner, local = owner_of(model, global_name)
             placements.setdefault(owner, {})[local] = global_name
             continue
         for user in users:

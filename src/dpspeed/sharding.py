@@ -51,8 +51,11 @@ def reduce_to_shard(full: torch.Tensor, param: DTensor) -> torch.Tensor:
     """`full` summed over the ranks of the mesh, and only this rank's shard of it kept."""
     world = param.device_mesh.size()
     per_shard, mine = _rows(param)
-    padded = full.new_zeros(per_shard * world, *full.shape[1:])
-    padded[: full.shape[0]] = full
+    if full.shape[0] == per_shard * world:
+        padded = full.contiguous()
+    else:
+        padded = full.new_zeros(per_shard * world, *full.shape[1:])
+        padded[: full.shape[0]] = full
     shard = full.new_empty(per_shard, *full.shape[1:])
     try:
         dist.reduce_scatter_single(shard, padded, group=param.device_mesh.get_group())
