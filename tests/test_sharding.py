@@ -71,6 +71,7 @@ def _spawned(rank: int, port: int, out: str, work: str, *args) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=60))
         record = WORK[work](rank, *args)
+        dist.barrier()  # no rank tears its connections down while the other still communicates
     except Exception as err:  # reported to the test
         record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
