@@ -73,7 +73,9 @@ def train_once(name: str, placement: str, args) -> dict:
     """One logical batch of two physical batches; its peak memory and seconds."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = _place(models.build(f"timm:{name}", 3, args.image_size, args.classes), placement, device)
+    with torch.device(device if placement == "plain" else "cpu"):  # initialised where it will live
+        model = models.build(f"timm:{name}", 3, args.image_size, args.classes)
+    model = _place(model, placement, device)
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(2 * args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(0, args.classes, (2 * args.batch,))
@@ -123,6 +125,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/largest_model.json"))
     args = parser.parse_args()
     rows = []
+
+    def save() -> None:  # after every model, so that a run stopped at its time limit keeps what it measured
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"environment": environment(torch.device(args.device)),
+                                            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                                            "precision": args.precision, "rows": rows}, indent=1))
+
     for placement in args.placements:
         for name in args.models:
             try:
@@ -133,16 +143,13 @@ def main() -> None:
                 rows.append({"model": name, "placement": placement, "out_of_memory": True})
                 print(f"{placement:16s} {name:28s} out of memory", flush=True)
                 free_memory()
+                save()
                 break
             rows.append(row)
+            save()
             print(f"{placement:16s} {name:28s} {row['parameters'] / 1e6:8.1f} M params  peak "
                   f"{row['peak_bytes'] / 2**30:6.2f} GiB  {row['seconds_per_logical_step']:.2f} s", flush=True)
             free_memory()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": environment(torch.device(args.device)),
-                                        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                                        "precision": args.precision, "rows": rows}, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
 

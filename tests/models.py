@@ -20,6 +20,13 @@ class Case:
     forward: Callable | None = None  # (model, inputs) -> logits, where not model(inputs)
 
 
+def on_device(case: Case, device: torch.device) -> Case:
+    """The case with its model and tensors moved to `device`."""
+    case.model.to(device)
+    case.tensors = tuple(t.to(device) for t in case.tensors)
+    return case
+
+
 def classify(model: nn.Module, batch: tuple, reduction: str) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1], reduction=reduction)
 

@@ -10,7 +10,8 @@ import torch
 
 from dpspeed.modes import MODES
 from dpspeed.ghost import TWO_PASS_MODES
-from models import Case, hf_cases, small_cases, timm_cases
+from conftest import DEVICE
+from models import Case, hf_cases, on_device, small_cases, timm_cases
 from reference import assert_close, per_example_grads, private_grads, reference_groups, reference_sum
 
 R = 0.3  # small enough that most examples are clipped
@@ -37,7 +38,7 @@ def built(name: str) -> tuple[Case, list]:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         case = CASES[name]()
-        case.model.double()
+        on_device(case, DEVICE).model.double()
         n = len(case.tensors[0])
         examples = [tuple(t[i : i + 1] for t in case.tensors) for i in range(n)]
         grads = {red: per_example_grads(case.model, lambda m, b: case.loss(m, b, "sum"), examples) for red in ["sum"]}

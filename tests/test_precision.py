@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import small_cases
+from conftest import DEVICE
+from models import on_device, small_cases
 from reference import assert_close, per_example_grads, private_grads, reference_sum
 
 
@@ -14,13 +15,13 @@ from reference import assert_close, per_example_grads, private_grads, reference_
 @pytest.mark.parametrize("mode", ["per-example", "bk", "auto"])
 def test_bf16_autocast_matches_float32_reference(name, mode):
     torch.manual_seed(1)
-    case = small_cases()[name]()
+    case = on_device(small_cases()[name](), DEVICE)
     n = len(case.tensors[0])
     grads = per_example_grads(case.model, lambda m, b: case.loss(m, b, "sum"), [tuple(t[i:i + 1] for t in case.tensors) for i in range(n)])
     want = reference_sum(grads, [list(grads[0])], [0.3], "abadi")
 
     def loss(m, b):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             return case.loss(m, b, "sum")
 
     got, engine = private_grads(case.model, loss, case.tensors, max_grad_norm=0.3, clipping_mode=mode, loss_reduction="sum")
@@ -41,10 +42,10 @@ def test_factors_are_float32_under_autocast(monkeypatch):
         return pf
 
     monkeypatch.setattr(clipper, "clip_factors", spy)
-    case = small_cases()["mlp"]()
+    case = on_device(small_cases()["mlp"](), DEVICE)
 
     def loss(m, b):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             return case.loss(m, b, "mean")
 
     private_grads(case.model, loss, case.tensors, clipping_mode="bk")[1].detach()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU measurements, in stages, for a lent machine that has PyTorch, timm and transformers but
+# not dp-accounting or Opacus (their wheels travel in .whl/). Each stage's output is tarred into
+# $OUT (or ./gpu-out), one file per stage, with the stage's log.
+#
+#     benchmarks/gpu_run.sh env check scaling largest  # exactness on CUDA, a digits run, N = 1 scaling, largest ViT
+#     benchmarks/gpu_run.sh bench-vit                  # dpspeed bench, ViT-base, bf16, Opacus beside
+#     benchmarks/gpu_run.sh bench-bit speed            # BiT-ResNet-50x1 bench; ViT-base fp32/TF32 side by side
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+VIT="timm:vit_base_patch16_224 --image-size 224 --num-classes 100"
+BIT="timm:resnetv2_50x1_bit --image-size 224 --num-classes 100"
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log and tar its folder
+    local name=$1 limit=$2
+    shift 2
+    mkdir -p "/tmp/stages/$name"
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"/tmp/stages/$name/log.txt" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start)) s"
+    tail -n 25 "/tmp/stages/$name/log.txt"
+    tar -czf "$OUT/$name.tar.gz" -C /tmp/stages "$name"
+}
+
+for s in "$@"; do
+    D=/tmp/stages/$s
+    case $s in
+    env)
+        stage env 60 bash -c "nvidia-smi; python3 -c 'import sys, torch, timm, transformers, opacus, dp_accounting; \
+print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, transformers.__version__, opacus.__version__)'" ;;
+    check)
+        stage check 200 env DPSPEED_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -x -q \
+            tests/test_exactness.py tests/test_precision.py
+        stage train 60 python3 -m dpspeed train --device cuda --epochs 2 --no-progress --out "/tmp/stages/train/run" ;;
+    largest)
+        stage largest 180 bash -c "python3 benchmarks/largest_model.py --device cuda --precision bf16 \
+            --placements plain --out /tmp/stages/largest/plain.json && \
+            python3 benchmarks/largest_model.py --device cuda --precision bf16 --placements sharded+offload \
+            --models vit_giant_patch14_224 vit_gigantic_patch14_224 --out /tmp/stages/largest/offload.json" ;;
+    scaling)
+        stage scaling 100 python3 -m torch.distributed.run --nproc-per-node 1 -m dpspeed bench --scaling \
+            --model $VIT --precisions bf16 --scaling-batch 128 --accumulate 4 --bandwidth 50e9 \
+            --repeats 5 --warmup 2 --no-progress --out "/tmp/stages/scaling/bench" ;;
+    bench-vit)
+        stage bench-vit 540 python3 -m dpspeed bench --model $VIT --precisions bf16 --peers opacus \
+            --min-batch 32 --repeats 3 --warmup 1 --no-progress --out "/tmp/stages/bench-vit/bench" ;;
+    bench-bit)
+        stage bench-bit 240 python3 -m dpspeed bench --model $BIT --precisions bf16 --peers opacus \
+            --min-batch 32 --repeats 3 --warmup 1 --no-progress --out "/tmp/stages/bench-bit/bench" ;;
+    speed)
+        for p in tf32 fp32; do
+            stage "speed-$p" 90 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
+                --device cuda --precision $p --batch 64 --peers opacus --repeats 5 --warmup 2 \
+                --out "/tmp/stages/speed-$p/speed_vit_base_$p.json"
+        done ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+    esac
+done
