@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpspeed import PrivacyEngine, models
 from dpspeed.bench.memory import peak_bytes
 from dpspeed.bench.search import free_memory, is_out_of_memory
-from dpspeed.bench.setups import precision
+from dpspeed.bench.setups import autocast, tensor_cores
 from dpspeed.bench.study import environment
 from dpspeed.sections import sync
 
@@ -88,14 +88,15 @@ def train_once(name: str, placement: str, args) -> dict:
 
     def logical_step() -> None:
         steps = optimizer.logical_steps
-        for xb, yb in loader:
-            with precision(args.precision, device):
-                loss = nn.functional.cross_entropy(model(xb.to(device)), yb.to(device))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if optimizer.logical_steps > steps:
-                return
+        with tensor_cores(args.precision):
+            for xb, yb in loader:
+                with autocast(args.precision, device):
+                    loss = nn.functional.cross_entropy(model(xb.to(device)), yb.to(device))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if optimizer.logical_steps > steps:
+                    return
 
     seconds = []
 

@@ -104,13 +104,13 @@ def _scenario(rank: int, scenario: str) -> dict:
         max_physical_batch_size=2, seed=5, loss_reduction="sum", clipping_mode=mode, clipping_style=style,
     )
     scattered = []
-    original = dist.reduce_scatter_single
+    original = dist.reduce_scatter_tensor
 
     def counted(output, input, *args, **kwargs):
         scattered.append(input.numel())
         return original(output, input, *args, **kwargs)
 
-    dist.reduce_scatter_single = counted
+    dist.reduce_scatter_tensor = counted
     record = {"indices": [], "grads": [], "local": [], "physical": [], "start": start}
     batches = iter(loader.logical_batches)
     record["indices"] = [next(batches) for _ in range(3)]

@@ -13,7 +13,7 @@ from .clipping import ClipFunction
 from .controller import Pass
 from .grouping import Grouping
 from .handlers import Handler
-from .layers.base import Call, to_acc, weighted_sum
+from .layers.base import Call, acc_dtype, to_acc, weighted_sum
 from .layers.functional import batch_size
 from .sections import section
 
@@ -128,7 +128,7 @@ def clip_factors(
                 name = handler.params[n]
                 explicit[name] = explicit[name] + g if name in explicit else g
     for name, g in explicit.items():
-        add_norm(name, to_acc(g).flatten(1).square().sum(1))
+        add_norm(name, torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc_dtype(g.dtype)).square())
 
     group_sq = torch.stack(
         [sum((sq_norms[n] for n in names if n in sq_norms), torch.zeros(batch, device=_device(sq_norms)))

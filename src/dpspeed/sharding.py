@@ -58,7 +58,7 @@ def reduce_to_shard(full: torch.Tensor, param: DTensor) -> torch.Tensor:
         padded[: full.shape[0]] = full
     shard = full.new_empty(per_shard, *full.shape[1:])
     try:
-        dist.reduce_scatter_single(shard, padded, group=param.device_mesh.get_group())
+        dist.reduce_scatter_tensor(shard, padded, group=param.device_mesh.get_group())
     except RuntimeError as err:
         raise RuntimeError(
             f"the reduce-scatter of the clipped gradients failed: another rank died or timed out ({err})"

@@ -21,19 +21,28 @@ NON_PRIVATE = "non-private"
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-@contextlib.contextmanager
-def precision(name: str, device: torch.device) -> Iterator[None]:
-    """fp32, TF32 (tensor-core matmuls and convolutions in float32) or bf16 autocast."""
+def check_precision(name: str) -> None:
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}; use one of {PRECISIONS}")
+
+
+@contextlib.contextmanager
+def tensor_cores(name: str) -> Iterator[None]:
+    """TF32 matmuls and convolutions for the whole step (forward, backward, clipping) under `tf32`;
+    off otherwise."""
+    check_precision(name)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
     try:
-        with autocast:
-            yield
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass under `bf16`; nothing otherwise."""
+    check_precision(name)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
 
 
 def _placeholder_loader() -> DataLoader:
@@ -94,17 +103,18 @@ class Setup:
         also ends the logical batch: all-reduce, noise (private) and the update."""
         self._last_physical(last)
         wrapped = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        with self.model.no_sync() if wrapped and not last else contextlib.nullcontext():
-            with section("forward"), precision(precision_name, x.device):
-                loss = self.criterion(logits(self.model(x)), y)
-            with section("backward"):
-                loss.backward()
-        if self.private:
-            with section("step"):
-                self.optimizer.step()
-        elif last:
-            with section("update"):
-                self.optimizer.step()
+        with tensor_cores(precision_name):
+            with self.model.no_sync() if wrapped and not last else contextlib.nullcontext():
+                with section("forward"), autocast(precision_name, x.device):
+                    loss = self.criterion(logits(self.model(x)), y)
+                with section("backward"):
+                    loss.backward()
+            if self.private:
+                with section("step"):
+                    self.optimizer.step()
+            elif last:
+                with section("update"):
+                    self.optimizer.step()
         if self.private or last:
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -114,6 +124,12 @@ class Setup:
         self.optimizer.zero_grad(set_to_none=True)
         if self.engine is not None:
             self.engine.optimizer.summed = {}
+        if self.label.startswith("opacus-"):  # its hooks count forwards and stack activations
+            for module in self.model.modules():
+                if hasattr(module, "activations"):
+                    module.activations = []
+            for p in self.model.parameters():
+                p.grad_sample, p._forward_counter = None, 0
 
     def close(self) -> None:
         if self.engine is not None:

@@ -46,15 +46,36 @@ def common_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a.to(dtype), g.to(dtype)
 
 
+def compute_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation and output gradient in the dtype the layer computed in, the output gradient's:
+    under bf16 autocast a float32 input is cast down as the forward pass cast it, so the matrix
+    products run on the tensor cores, like the weight gradients of non-private training."""
+    return (a if a.dtype == g.dtype else a.to(g.dtype)), g
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def to_acc(t: torch.Tensor) -> torch.Tensor:
-    """The tensor in its accumulation dtype: float32, or float64 if it already is."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """The tensor in its accumulation dtype."""
+    return t.to(acc_dtype(t.dtype))
+
+
+def factors_in(dtype: torch.dtype, factors: torch.Tensor) -> torch.Tensor:
+    """Clipping factors cast to `dtype`, rounded towards zero: rounding never enlarges a clipped
+    gradient beyond the threshold."""
+    cast = factors.to(dtype)
+    if cast.dtype == factors.dtype:
+        return cast
+    return torch.where(cast.to(factors.dtype) > factors, torch.nextafter(cast, torch.zeros_like(cast)), cast)
 
 
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """sum_i factors[i] * per_sample[i], accumulated in float32 or better."""
-    per_sample = to_acc(per_sample)
-    return torch.einsum("b,b...->...", factors.to(per_sample.dtype), per_sample)
+    """sum_i factors[i] * per_sample[i]: one product in the per-sample dtype (float32 accumulation
+    inside it), returned in float32 or better."""
+    return to_acc(torch.einsum("b,b...->...", factors_in(per_sample.dtype, factors), per_sample))
 
 
 class LayerRule:

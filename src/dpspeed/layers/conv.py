@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Call, LayerRule, common_dtype, to_acc, weighted_sum
+from .base import Call, LayerRule, compute_dtype, factors_in, to_acc, weighted_sum
 from .linear import ghost_sq_norm
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -51,7 +51,7 @@ class ConvRule(LayerRule):
     ghost = True
 
     def _operands(self, module: ConvNd, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-        a, g = common_dtype(call.input(), call.grad())
+        a, g = compute_dtype(call.input(), call.grad())
         return unfold(module, a), grouped_grad(module, g)
 
     def per_sample_grads(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
@@ -80,7 +80,7 @@ class ConvRule(LayerRule):
         a, g = self._operands(module, call)
         out = {}
         if "weight" in names:
-            scaled = g * factors["weight"].to(g.dtype).view(-1, 1, 1, 1)
+            scaled = g * factors_in(g.dtype, factors["weight"]).view(-1, 1, 1, 1)
             w = torch.einsum("bgpl,bgdl->gpd", scaled, a)
             out["weight"] = to_acc(w).reshape(module.weight.shape)
         if "bias" in names:

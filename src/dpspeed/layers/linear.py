@@ -5,18 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Call, LayerRule, common_dtype, to_acc, weighted_sum
+from .base import Call, LayerRule, compute_dtype, factors_in, to_acc, weighted_sum
 
 
 def flatten_positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, ..., d) and (B, ..., p) -> (B, T, d) and (B, T, p)."""
-    a, g = common_dtype(a, g)
+    a, g = compute_dtype(a, g)
     batch = g.shape[0]
     return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
 
 def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
-    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), in float32.
+    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p): Gram matrices in the
+    operands' dtype, their inner product in float32.
     `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v projections)."""
     if a.shape[1] == 1:
         return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
@@ -33,7 +34,7 @@ def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) 
 def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """sum_i factors[i] * g_i^T a_i for a (B, T, d), g (B, T, p): one (p, BT) x (BT, d) product,
     the factors folded into the smaller of the two operands."""
-    column = factors.to(g.dtype).view(-1, 1, 1)
+    column = factors_in(g.dtype, factors).view(-1, 1, 1)
     if a.shape[-1] < g.shape[-1]:
         a = a * column
     else:
