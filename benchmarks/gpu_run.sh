@@ -40,16 +40,19 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
             tests/test_exactness.py tests/test_precision.py
         stage train 60 python3 -m dpspeed train --device cuda --epochs 2 --no-progress --out "/tmp/stages/train/run" ;;
     largest)
-        stage largest 180 bash -c "python3 benchmarks/largest_model.py --device cuda --precision bf16 \
-            --placements plain --out /tmp/stages/largest/plain.json && \
+        stage largest 200 bash -c "python3 benchmarks/largest_model.py --device cuda --precision bf16 \
+            --placements plain --models vit_gigantic_patch14_224 vit_3b_patch14_224 vit_5b_patch14_224 \
+            --out /tmp/stages/largest/plain.json && \
             python3 benchmarks/largest_model.py --device cuda --precision bf16 --placements sharded+offload \
-            --models vit_giant_patch14_224 vit_gigantic_patch14_224 --out /tmp/stages/largest/offload.json" ;;
+            --models vit_5b_patch14_224 --out /tmp/stages/largest/offload.json" ;;
+    precision)
+        stage precision 60 env DPSPEED_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -x -q tests/test_precision.py ;;
     scaling)
         stage scaling 100 python3 -m torch.distributed.run --nproc-per-node 1 -m dpspeed bench --scaling \
             --model $VIT --precisions bf16 --scaling-batch 128 --accumulate 4 --bandwidth 50e9 \
             --repeats 5 --warmup 2 --no-progress --out "/tmp/stages/scaling/bench" ;;
     bench-vit)
-        stage bench-vit 540 python3 -m dpspeed bench --model $VIT --precisions bf16 --peers opacus \
+        stage bench-vit 330 python3 -m dpspeed bench --model $VIT --precisions bf16 --peers opacus \
             --min-batch 32 --repeats 3 --warmup 1 --no-progress --out "/tmp/stages/bench-vit/bench" ;;
     bench-bit)
         stage bench-bit 240 python3 -m dpspeed bench --model $BIT --precisions bf16 --peers opacus \

@@ -34,7 +34,19 @@ from dpspeed.bench.study import environment
 from dpspeed.sections import sync
 
 SIZES = ["vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224", "vit_giant_patch14_224",
-         "vit_gigantic_patch14_224"]
+         "vit_gigantic_patch14_224", "vit_3b_patch14_224", "vit_5b_patch14_224"]
+# ViTs larger than timm's largest (gigantic, 1.8B), in the same family: width, depth, heads
+LARGER = {"vit_3b_patch14_224": (2560, 32, 32), "vit_5b_patch14_224": (3072, 44, 32)}
+
+
+def build(name: str, image_size: int, classes: int) -> nn.Module:
+    if name not in LARGER:
+        return models.build(f"timm:{name}", 3, image_size, classes)
+    from timm.models.vision_transformer import VisionTransformer
+
+    width, depth, heads = LARGER[name]
+    return VisionTransformer(img_size=image_size, patch_size=14, num_classes=classes, embed_dim=width, depth=depth,
+                             num_heads=heads, mlp_ratio=4.0)
 
 
 def _process_group(device: torch.device) -> None:
@@ -74,7 +86,7 @@ def train_once(name: str, placement: str, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     with torch.device(device if placement == "plain" else "cpu"):  # initialised where it will live
-        model = models.build(f"timm:{name}", 3, args.image_size, args.classes)
+        model = build(name, args.image_size, args.classes)
     model = _place(model, placement, device)
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(2 * args.batch, 3, args.image_size, args.image_size)
