@@ -79,8 +79,11 @@ def zeros_for_shard(param: DTensor, dtype: torch.dtype) -> torch.Tensor:
 def as_sharded_grad(local: torch.Tensor, param: DTensor) -> DTensor:
     """This rank's shard of a gradient, as the DTensor `.grad` of a sharded parameter (on the
     shard's device)."""
-    local = local.to(device=param.to_local().device, dtype=param.dtype)
-    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    # laid out as the parameter, its shard where the parameter's is (DTensor.from_local would move an
+    # offloaded shard to the mesh's device)
+    grad = torch.empty_like(param, requires_grad=False)
+    grad.to_local().copy_(local)
+    return grad
 
 
 def shard_generator(base: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:

@@ -171,9 +171,15 @@ class Study:
                 return
             best = max(timed, key=lambda r: r["per_second"])
             x, y = workload.batch(best["batch"], self.device)
-            self.results["breakdown"].append({**key, **breakdown(setup, x, y, precision, c.repeats)})
-            self.results["end_to_end"].append(
-                {**key, **end_to_end(setup, workload, best["batch"], precision, c.repeats + 1, self.device)})
+            try:
+                self.results["breakdown"].append({**key, **breakdown(setup, x, y, precision, c.repeats)})
+                self.results["end_to_end"].append(
+                    {**key, **end_to_end(setup, workload, best["batch"], precision, c.repeats + 1, self.device)})
+            except torch.OutOfMemoryError:  # instrumented steps and the data loader need a little more
+                logger.warning("%s ran out of memory at batch %d in the breakdown or end-to-end run; skipped",
+                               label, best["batch"])
+                setup.reset()
+                free_memory()
         finally:
             setup.close()
 
