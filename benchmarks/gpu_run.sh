@@ -5,7 +5,7 @@
 #
 #     benchmarks/gpu_run.sh env check scaling largest  # exactness on CUDA, a digits run, N = 1 scaling, largest ViT
 #     benchmarks/gpu_run.sh bench-vit                  # dpspeed bench, ViT-base, bf16, Opacus beside
-#     benchmarks/gpu_run.sh bench-bit speed            # BiT-ResNet-50x1 bench; ViT-base fp32/TF32 side by side
+#     benchmarks/gpu_run.sh bench-bit speed-tf32 speed-fp32  # BiT-ResNet-50x1 bench; ViT-base side by side
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -48,7 +48,7 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
     precision)
         stage precision 60 env DPSPEED_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -x -q tests/test_precision.py ;;
     scaling)
-        stage scaling 100 python3 -m torch.distributed.run --nproc-per-node 1 -m dpspeed bench --scaling \
+        stage scaling 60 python3 -m torch.distributed.run --nproc-per-node 1 -m dpspeed bench --scaling \
             --model $VIT --precisions bf16 --scaling-batch 128 --accumulate 4 --bandwidth 50e9 \
             --repeats 5 --warmup 2 --no-progress --out "/tmp/stages/scaling/bench" ;;
     bench-vit)
@@ -57,12 +57,11 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
     bench-bit)
         stage bench-bit 240 python3 -m dpspeed bench --model $BIT --precisions bf16 --peers opacus \
             --min-batch 32 --repeats 3 --warmup 1 --no-progress --out "/tmp/stages/bench-bit/bench" ;;
-    speed)
-        for p in tf32 fp32; do
-            stage "speed-$p" 70 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
-                --device cuda --precision $p --batch 64 --peers opacus --repeats 4 --warmup 1 \
-                --out "/tmp/stages/speed-$p/speed_vit_base_$p.json"
-        done ;;
+    speed-tf32 | speed-fp32)
+        p=${s#speed-}
+        stage "$s" 70 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
+            --device cuda --precision $p --batch 64 --peers opacus --repeats 4 --warmup 1 \
+            --out "/tmp/stages/$s/speed_vit_base_$p.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
