@@ -62,6 +62,10 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
         stage "$s" 70 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
             --device cuda --precision $p --batch 64 --peers opacus --repeats 4 --warmup 1 \
             --out "/tmp/stages/$s/speed_vit_base_$p.json" ;;
+    speed-bf16)
+        stage speed-bf16 90 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
+            --device cuda --precision bf16 --batch 256 --modes per-example bk bk-mix-opt auto --repeats 4 --warmup 1 \
+            --out /tmp/stages/speed-bf16/speed_vit_base_bf16.json ;;
     profile)
         stage profile 80 python3 benchmarks/profile_step.py --model timm:vit_base_patch16_224 --image-size 224 \
             --mode bk --batch 32 512 --precision bf16 --rows 30 ;;
