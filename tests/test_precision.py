@@ -50,3 +50,19 @@ def test_factors_are_float32_under_autocast(monkeypatch):
 
     private_grads(case.model, loss, case.tensors, clipping_mode="bk")[1].detach()
     assert seen and all(d == torch.float32 for d in seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_factors_cast_down_never_grow(dtype):
+    """A clipping factor cast to a 16-bit dtype is never larger than the float32 factor, so no
+    clipped gradient exceeds the threshold by rounding; within one epsilon of it, or 0 below the
+    dtype's smallest normal value."""
+    from dpspeed.layers.base import factors_in
+
+    torch.manual_seed(0)
+    factors = torch.cat([torch.rand(100_000), torch.tensor([1.0, 0.5, 2.0**-20, 1e-7, 3e-5, 0.0])])
+    cast = factors_in(dtype, factors).float()
+    assert (cast <= factors).all()
+    normal = factors >= torch.finfo(dtype).tiny
+    assert ((factors - cast)[normal] <= factors[normal] * torch.finfo(dtype).eps).all()
+    assert (cast[~normal] == 0).all()

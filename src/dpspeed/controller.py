@@ -291,8 +291,7 @@ class Controller:
         @torch.compiler.disable
         def child_leave(child: nn.Module, args: tuple, kwargs: dict, output) -> None:
             if modes and modes[-1] is not None:
-                tensors = lambda tree: [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-                modes[-1].resume(tensors((args, kwargs)), tensors(output))
+                modes[-1].resume((args, kwargs), output)
 
         if handler.module is self.model:
             self._root_enter = enter

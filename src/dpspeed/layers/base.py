@@ -64,18 +64,21 @@ def to_acc(t: torch.Tensor) -> torch.Tensor:
 
 
 def factors_in(dtype: torch.dtype, factors: torch.Tensor) -> torch.Tensor:
-    """Clipping factors cast to `dtype`, rounded towards zero: rounding never enlarges a clipped
-    gradient beyond the threshold."""
-    cast = factors.to(dtype)
-    if cast.dtype == factors.dtype:
-        return cast
-    return torch.where(cast.to(factors.dtype) > factors, torch.nextafter(cast, torch.zeros_like(cast)), cast)
+    """Clipping factors cast to `dtype`, shrunk by half its machine epsilon first: rounding to the
+    nearest value of `dtype` then never enlarges a clipped gradient beyond the threshold. Factors
+    below the smallest normal value (where rounding is coarser) become 0."""
+    if dtype == factors.dtype:
+        return factors
+    info = torch.finfo(dtype)
+    shrunk = torch.where(factors < info.tiny, 0.0, factors * (1 - info.eps / 2))
+    return shrunk.to(dtype)
 
 
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """sum_i factors[i] * per_sample[i]: one product in the per-sample dtype (float32 accumulation
-    inside it), returned in float32 or better."""
-    return to_acc(torch.einsum("b,b...->...", factors_in(per_sample.dtype, factors), per_sample))
+    """sum_i factors[i] * per_sample[i]: one matrix product in the per-sample dtype (float32
+    accumulation inside it), returned in float32 or better."""
+    flat = per_sample.reshape(per_sample.shape[0], -1)
+    return to_acc(factors_in(per_sample.dtype, factors) @ flat).view(per_sample.shape[1:])
 
 
 class LayerRule:

@@ -40,6 +40,10 @@ class OpUse(Call):
         self.leaves, self.values, self.recipes = [], None, {}
 
 
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
 def _replace_batch_ints(leaves: list, batch: int, example_batch: int) -> list:
     return [example_batch if isinstance(v, int) and not isinstance(v, bool) and v == batch else v for v in leaves]
 
@@ -66,13 +70,14 @@ class OpTapRecorder(TorchFunctionMode):
         if self._submodules_running == 1:
             self.__exit__(None, None, None)
 
-    def resume(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        """Watch again once the outermost submodule returns; its outputs are batched when any of its
-        inputs was."""
+    def resume(self, inputs: Any, outputs: Any) -> None:
+        """Watch again once the outermost submodule returns; its outputs (any nesting of tensors)
+        are batched when any of its inputs was."""
         self._submodules_running -= 1
         if self._submodules_running:
             return
-        if any(id(t) in self._batched for t in inputs):
+        if any(id(t) in self._batched for t in _tensors(inputs)):
+            outputs = _tensors(outputs)
             self._batched.update(id(t) for t in outputs)
             self._alive.extend(outputs)
         self.__enter__()
