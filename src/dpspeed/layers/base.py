@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+_told_reduced_precision = False
 
 
 @dataclass
@@ -50,6 +54,14 @@ def compute_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
     """Activation and output gradient in the dtype the layer computed in, the output gradient's:
     under bf16 autocast a float32 input is cast down as the forward pass cast it, so the matrix
     products run on the tensor cores, like the weight gradients of non-private training."""
+    global _told_reduced_precision
+    if not _told_reduced_precision and torch.finfo(g.dtype).bits < 32:
+        _told_reduced_precision = True
+        logger.warning(
+            "per-example norms and clipped sums are computed from %s products (float32 accumulation), as "
+            "the layers' own gradients are: their rounding (about %.1g relative) can let a clipped "
+            "gradient exceed max_grad_norm by that fraction; train in float32 or TF32 for norms at "
+            "float32 precision", g.dtype, torch.finfo(g.dtype).eps / 2)
     return (a if a.dtype == g.dtype else a.to(g.dtype)), g
 
 
