@@ -37,8 +37,12 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
                                 timeout=timedelta(seconds=20))
         x, y = _data()
         model = _model()
-        noise = 0.0 if scenario == "exact" else 1.0
-        lr = 0.0 if scenario in ("exact", "noise") else 0.5
+        if scenario == "buckets":  # one bucket per parameter
+            from dpspeed import distributed
+
+            distributed.BUCKET_BYTES = 40
+        noise = 0.0 if scenario in ("exact", "buckets") else 1.0
+        lr = 0.0 if scenario in ("exact", "noise", "buckets") else 0.5
         batch_size = 1 if scenario == "sparse" else 6  # q = 1/24: most local batches are empty
         engine = PrivacyEngine()
         model, opt, loader = engine.make_private(
@@ -46,9 +50,10 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
             noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, seed=5, loss_reduction="sum",
             clipping_mode="bk",
         )
-        elements = []
+        elements, in_backward, backward_running = [], [], [False]
         original = dist.all_reduce
-        dist.all_reduce = lambda t, *a, **k: (elements.append(t.numel()), original(t, *a, **k))[1]
+        dist.all_reduce = lambda t, *a, **k: (elements.append(t.numel()), in_backward.append(backward_running[0]),
+                                              original(t, *a, **k))[2]
         record = {"indices": [], "grads": [], "steps": 0, "empty": 0}
         start = {n: p.detach().clone().tolist() for n, p in model.named_parameters()}
         for step, batch_indices in enumerate(loader.logical_batches):
@@ -61,7 +66,9 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
         for xb, yb in loader:
             if scenario == "dead" and rank == 1:
                 os._exit(0)
+            backward_running[0] = True
             nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+            backward_running[0] = False
             opt.step()
             if opt.is_last_physical_batch:
                 record["grads"].append({n: p.grad.tolist() for n, p in model.named_parameters()})
@@ -72,6 +79,7 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
         record["start"] = start
         record["final"] = {n: p.detach().tolist() for n, p in model.named_parameters()}
         record["all_reduce_elements"] = elements
+        record["all_reduce_in_backward"] = in_backward
         record["epsilon"] = engine.get_epsilon(1e-5)
     except Exception as err:  # reported to the test
         record = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
@@ -105,22 +113,39 @@ def _reference_step(indices: list[int], params: dict) -> dict:
     return total
 
 
-def test_two_ranks_equal_one_process_on_the_union(tmp_path):
-    ranks = _run(tmp_path, "exact")
-    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
-    assert ranks[0]["start"] == ranks[1]["start"]  # rank 0's weights were broadcast
-    shards = [set(i for b in r["indices"] for i in b) for r in ranks]
-    assert not shards[0] & shards[1] and all(i % 2 == r for r, s in enumerate(shards) for i in s)
+def _check_union(ranks: list[dict]) -> None:
+    """Both ranks' update is the one-process clipped sum of the union of their examples."""
     for step in range(3):
         union = ranks[0]["indices"][step] + ranks[1]["indices"][step]
         want = _reference_step(union, ranks[0]["start"])
         for r in ranks:
             for n, w in want.items():
                 assert torch.allclose(torch.tensor(r["grads"][step][n]), w, atol=1e-6), (step, n)
+
+
+def test_two_ranks_equal_one_process_on_the_union(tmp_path):
+    ranks = _run(tmp_path, "exact")
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    assert ranks[0]["start"] == ranks[1]["start"]  # rank 0's weights were broadcast
+    shards = [set(i for b in r["indices"] for i in b) for r in ranks]
+    assert not shards[0] & shards[1] and all(i % 2 == r for r, s in enumerate(shards) for i in s)
+    _check_union(ranks)
     # one gradient's worth of communication per logical batch, nothing else
     numel = sum(torch.tensor(v).numel() for v in ranks[0]["start"].values())
     assert ranks[0]["all_reduce_elements"] == [numel] * 3
     assert ranks[0]["epsilon"] == ranks[1]["epsilon"]
+
+
+def test_buckets_start_during_the_last_backward_in_one_order(tmp_path):
+    """Small buckets (one per parameter): each logical batch sends every parameter once, in the
+    parameters' reverse order on both ranks; a rank with examples in its last physical batch starts
+    them inside that backward pass; the update is still the one-process update."""
+    ranks = _run(tmp_path, "buckets")
+    assert all("error" not in r for r in ranks), [r.get("trace") for r in ranks]
+    _check_union(ranks)
+    sizes = [torch.tensor(v).numel() for v in ranks[0]["start"].values()][::-1]
+    assert all(r["all_reduce_elements"] == sizes * 3 for r in ranks)
+    assert any(any(r["all_reduce_in_backward"]) for r in ranks)
 
 
 def test_noise_is_added_once_and_ranks_stay_identical(tmp_path):

@@ -2,10 +2,11 @@
 
 Each rank Poisson-samples its own shard of the data set at the common rate q (the union is a
 Poisson sample of the whole data set), clips and accumulates its examples with no communication,
-and at the end of the logical batch the summed clipped gradients of all ranks are added up in one
-all-reduce over a single flat buffer. The Gaussian noise is drawn from a generator seeded alike on
-every rank and added after the all-reduce: it enters the global sum once, and every rank applies
-the same update.
+and at the end of the logical batch the summed clipped gradients of all ranks are added up once,
+in buckets: a bucket's all-reduce starts during the last physical batch's backward pass as soon
+as its sums are final, the rest at the step. The Gaussian noise is drawn from a generator seeded
+alike on every rank and added after the all-reduce: it enters the global sum once, and every rank
+applies the same update.
 """
 
 from __future__ import annotations
@@ -68,23 +69,76 @@ def shared_seed(seed: int | None, group: dist.ProcessGroup | None, device: torch
     return int(value.item())
 
 
-def all_reduce_sums(sums: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
-                    group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
-    """The clipped sums of all ranks added up, in one all-reduce over one flat buffer (zeros for
-    parameters this rank has no sum for, so every rank sends the same layout)."""
-    names = list(params)
-    parts = [sums[n] if n in sums else torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32)) for n in names]
-    dtype = parts[0].dtype
-    flat = torch.cat([p.to(dtype).reshape(-1) for p in parts])
-    try:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    except RuntimeError as err:
-        raise RuntimeError(
-            "the all-reduce of the clipped gradients failed: another rank died or timed out "
-            f"({type(err).__name__}: {err})"
-        ) from err
-    out, offset = {}, 0
-    for name, part in zip(names, parts):
-        out[name] = flat[offset : offset + part.numel()].view_as(part)
-        offset += part.numel()
-    return out
+def _failed(err: RuntimeError) -> RuntimeError:
+    return RuntimeError(
+        "the all-reduce of the clipped gradients failed: another rank died or timed out "
+        f"({type(err).__name__}: {err})"
+    )
+
+
+BUCKET_BYTES = 25 * 2**20  # of float32 sums per bucket (DistributedDataParallel's default)
+
+
+class BucketedAllReduce:
+    """The clipped sums of all ranks added up in buckets of at most `bucket_bytes`, in one fixed
+    order (the parameters' reverse order, as DistributedDataParallel's buckets): a bucket's
+    asynchronous all-reduce starts as soon as all its sums are final (`final`), the others at the
+    step (`finish`). Every rank issues the same collectives in the same order, also a rank whose
+    last physical batch is empty; a parameter without a sum on this rank sends zeros."""
+
+    def __init__(self, params: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None,
+                 bucket_bytes: int | None = None):
+        self.params, self.group = params, group
+        self.buckets: list[list[str]] = []
+        bucket_bytes = bucket_bytes or BUCKET_BYTES
+        size = bucket_bytes
+        for name in reversed(list(params)):
+            nbytes = params[name].numel() * 4
+            if size + nbytes > bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(name)
+            size += nbytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self._final: set[str] = set()
+        self._next = 0
+        self._started: list[tuple[list[torch.Tensor], torch.Tensor, object]] = []
+        self.started_names: set[str] = set()
+
+    def _start(self, sums: dict[str, torch.Tensor]) -> None:
+        names = self.buckets[self._next]
+        self._next += 1
+        parts = [sums[n] if n in sums else torch.zeros_like(self.params[n], dtype=torch.promote_types(self.params[n].dtype, torch.float32)) for n in names]
+        flat = torch.cat([part.reshape(-1).to(parts[0].dtype) for part in parts])
+        try:
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        except RuntimeError as err:
+            raise _failed(err) from err
+        self._started.append((names, parts, flat, work))
+        self.started_names.update(names)
+
+    def final(self, names, sums: dict[str, torch.Tensor]) -> None:
+        """`names` will get nothing more this logical batch: start every bucket whose turn has come
+        and whose sums are all final."""
+        self._final.update(names)
+        while self._next < len(self.buckets) and all(n in self._final for n in self.buckets[self._next]):
+            self._start(sums)
+
+    def finish(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Start the remaining buckets, wait for all, and return the added-up sums."""
+        while self._next < len(self.buckets):
+            self._start(sums)
+        out = {}
+        for names, parts, flat, work in self._started:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise _failed(err) from err
+            offset = 0
+            for name, part in zip(names, parts):
+                out[name] = flat[offset : offset + part.numel()].view_as(part)
+                offset += part.numel()
+        self._reset()
+        return out

@@ -68,6 +68,7 @@ class DPOptimizer(Optimizer):
         self.nonfinite_examples = 0
         self.on_logical_step: list[Callable[[], None]] = []
         self._granted: dict[str, tuple[torch.Tensor, int]] = {}  # the private gradients this optimizer set
+        self._all_reduce: distributed.BucketedAllReduce | None = None
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
@@ -87,7 +88,30 @@ class DPOptimizer(Optimizer):
             )
 
     def _add(self, name: str, s: torch.Tensor) -> None:
+        if self._all_reduce is not None and name in self._all_reduce.started_names:
+            raise RuntimeError(
+                f"the clipped sum of {name!r} grew after its all-reduce had started: a forward or backward "
+                "pass ran after the last physical batch's backward, before optimizer.step()"
+            )
         self.summed[name] = self.summed[name] + s if name in self.summed else s
+
+    def _reducer(self) -> distributed.BucketedAllReduce | None:
+        """The bucketed all-reduce of the replicated parameters' sums; None in one process."""
+        if self._all_reduce is None and distributed.active(self.process_group):
+            replicated = {n: p for n, p in self.controller.params.items() if n not in self.shards}
+            if replicated:
+                self._all_reduce = distributed.BucketedAllReduce(replicated, self.process_group)
+        return self._all_reduce
+
+    def _start_final_buckets(self, released) -> None:
+        """On the last physical batch, the sums that no pending recording adds to are final: their
+        buckets' all-reduce starts now, during the backward pass."""
+        if self.two_pass or not self.is_last_physical_batch or self._reducer() is None:
+            return
+        pending = {n for recorded in self.controller.passes for h in recorded for n in h.params.values()}
+        names = {n for h in released for n in h.params.values() if n not in self.shards} - pending
+        with section("all-reduce"):
+            self._all_reduce.final(names, self.summed)
 
     def accumulate(self) -> None:
         """Clip the examples of every recorded pass and add them to the running sums."""
@@ -103,8 +127,8 @@ class DPOptimizer(Optimizer):
                     p.grad = None
             return
         self._refuse_autograd_gradients()
-        for recorded in self.controller.take_passes():
-            self.clip_and_add(recorded, self.grouping)
+        for recorded in self.controller.take_passes():  # at the step: the buckets start in finish()
+            self.clip_and_add(recorded, self.grouping, start_buckets=False)
 
     def _refuse_autograd_gradients(self) -> None:
         """Invariant: only private gradients reach the optimizer. A parameter .grad that this
@@ -122,8 +146,9 @@ class DPOptimizer(Optimizer):
                     "Compile only after make_private and only the private model, or run it uncompiled"
                 )
 
-    def clip_and_add(self, recorded, grouping: Grouping) -> None:
-        """Clip one recorded pass (or a released part of one) and add it to the running sums."""
+    def clip_and_add(self, recorded, grouping: Grouping, start_buckets: bool = True) -> None:
+        """Clip one recorded pass (or a released part of one) and add it to the running sums; on
+        the last physical batch, start the all-reduce of buckets whose sums are now final."""
         if not self.shards:
             clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask)
             for name, s in clipped.sums.items():
@@ -131,6 +156,8 @@ class DPOptimizer(Optimizer):
         else:
             clipped = self._clip_and_reduce_to_shards(recorded, grouping)
         self.note_nonfinite(clipped.nonfinite)
+        if start_buckets:
+            self._start_final_buckets(recorded)
 
     def _clip_and_reduce_to_shards(self, recorded, grouping: Grouping):
         """Reduce-scatter each layer's sums of sharded parameters as soon as they are formed, keeping
@@ -172,10 +199,9 @@ class DPOptimizer(Optimizer):
 
     def _privatise_and_step(self) -> None:
         std = self.noise_multiplier * self.grouping.total_threshold
-        replicated = {n: p for n, p in self.controller.params.items() if n not in self.shards}
-        if replicated and distributed.active(self.process_group):
+        if self._reducer() is not None:
             with section("all-reduce"):
-                self.summed.update(distributed.all_reduce_sums(self.summed, replicated, self.process_group))
+                self.summed.update(self._all_reduce.finish(self.summed))
         with section("noise"):
             for name, p in self.controller.params.items():
                 sharded = name in self.shards
