@@ -104,13 +104,18 @@ class BucketedAllReduce:
     def _reset(self) -> None:
         self._final: set[str] = set()
         self._next = 0
-        self._started: list[tuple[list[torch.Tensor], torch.Tensor, object]] = []
+        self._started: list[tuple[list[str], list[torch.Tensor], torch.Tensor, object]] = []  # ..., Work
         self.started_names: set[str] = set()
+
+    def _zeros(self, name: str) -> torch.Tensor:
+        """The sum of a parameter this rank has no examples for, in the sums' dtype."""
+        p = self.params[name]
+        return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
     def _start(self, sums: dict[str, torch.Tensor]) -> None:
         names = self.buckets[self._next]
         self._next += 1
-        parts = [sums[n] if n in sums else torch.zeros_like(self.params[n], dtype=torch.promote_types(self.params[n].dtype, torch.float32)) for n in names]
+        parts = [sums[n] if n in sums else self._zeros(n) for n in names]
         flat = torch.cat([part.reshape(-1).to(parts[0].dtype) for part in parts])
         try:
             work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
@@ -119,7 +124,7 @@ class BucketedAllReduce:
         self._started.append((names, parts, flat, work))
         self.started_names.update(names)
 
-    def final(self, names, sums: dict[str, torch.Tensor]) -> None:
+    def final(self, names: set[str], sums: dict[str, torch.Tensor]) -> None:
         """`names` will get nothing more this logical batch: start every bucket whose turn has come
         and whose sums are all final."""
         self._final.update(names)
