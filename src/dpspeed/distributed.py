@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layers.base import acc_dtype
+
 
 def active(group: dist.ProcessGroup | None = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -110,7 +112,7 @@ class BucketedAllReduce:
     def _zeros(self, name: str) -> torch.Tensor:
         """The sum of a parameter this rank has no examples for, in the sums' dtype."""
         p = self.params[name]
-        return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+        return torch.zeros_like(p, dtype=acc_dtype(p.dtype))
 
     def _start(self, sums: dict[str, torch.Tensor]) -> None:
         names = self.buckets[self._next]

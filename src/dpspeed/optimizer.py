@@ -15,7 +15,7 @@ from .clipper import MethodChooser, clip_pass
 from .clipping import ClipFunction
 from .controller import Controller
 from .grouping import Grouping
-from .layers.base import to_acc
+from .layers.base import acc_dtype, to_acc
 from .sections import section
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class DPOptimizer(Optimizer):
         clipped = clip_pass(recorded, grouping, self.clip_fn, self.loss_reduction, self.choose, self.row_mask, on_sums)
         for name in pending:  # no examples here: zeros, for the other ranks' collectives
             param = self.shards[name]
-            reduce(name, torch.zeros(param.shape, dtype=to_acc(param).dtype, device=sharding.compute_device(param)))
+            reduce(name, torch.zeros(param.shape, dtype=acc_dtype(param.dtype), device=sharding.compute_device(param)))
         return clipped
 
     def step(self, closure: Callable[[], float] | None = None):
@@ -207,7 +207,7 @@ class DPOptimizer(Optimizer):
                 sharded = name in self.shards
                 total = self.summed.pop(name, None)  # owned here: updated in place
                 if total is None:
-                    total = sharding.zeros_for_shard(p, to_acc(p).dtype) if sharded else torch.zeros_like(p, dtype=to_acc(p).dtype)
+                    total = sharding.zeros_for_shard(p, acc_dtype(p.dtype)) if sharded else torch.zeros_like(p, dtype=acc_dtype(p.dtype))
                 if std > 0:
                     generator = self.shard_noise_generator if sharded else self.noise_generator
                     noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=total.dtype)
