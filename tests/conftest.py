@@ -1,11 +1,13 @@
-import os
-import sys
-from pathlib import Path
+"""Fixtures shared by every test file."""
 
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-# The exactness and precision tests run on this device (CI: the CPU; on a GPU machine:
-# DPSPEED_TEST_DEVICE=cuda python -m pytest tests/test_exactness.py tests/test_precision.py).
-DEVICE = torch.device(os.environ.get("DPSPEED_TEST_DEVICE", "cpu"))
+@pytest.fixture
+def float64():
+    """torch's default dtype float64 for the test (exactness checks at 1e-6), restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

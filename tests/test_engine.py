@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from dpspeed import PrivacyEngine, fix_model
-from models import SmallViT
+from tests.helpers.models import SmallViT
 
 
 def _data(n=8):

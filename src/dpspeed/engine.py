@@ -1,5 +1,6 @@
 """PrivacyEngine: makes a model, optimizer and data loader differentially private, Opacus-style,
-without wrapping the model."""
+without wrapping the model. make_private wires the stages together:
+validate → sampling → capture → clipping → optimizer → accounting."""
 
 from __future__ import annotations
 
@@ -9,21 +10,21 @@ import weakref
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from . import distributed, sharding
+from . import _checks
 from .accounting import Accountant, noise_for_epsilon
-from .clipper import MethodChooser
-from .clipping import clipping_function
-from .controller import Controller
-from .ghost import TWO_PASS_MODES, DPLoss
-from .grouping import ClippingStyle, Grouping, make_grouping
-from .modes import method_chooser
+from .capture.hooks import Controller
+from .clipping.config import ClippingConfig
+from .clipping.early_release import EarlyRelease
+from .clipping.groups import ClippingStyle, Grouping
+from .clipping.planner import LayerPlan, Planner
+from .clipping.two_pass import DPLoss
+from .noise import NoiseSource
 from .optimizer import DPOptimizer
-from .release import EarlyRelease
+from .parallel.topology import Topology
 from .sampling import DPDataLoader, PoissonBatchSampler, loader_options
 
 logger = logging.getLogger(__name__)
@@ -35,68 +36,19 @@ NOT_POISSON_WARNING = (
 )
 
 
-def _check_module(module: nn.Module) -> dict[str, nn.Parameter]:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if module in _ATTACHED:
-        raise ValueError("make_private was already called on this model; call engine.detach() first")
-    for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(
-                f"BatchNorm at '{name}' mixes examples of a batch, which breaks per-example privacy; "
-                "replace it with dpspeed.fix_model(model) (GroupNorm) first"
-            )
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return params
-
-
-def _check_optimizer(optimizer: Optimizer, module: nn.Module) -> None:
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, DPOptimizer):
-        raise ValueError("this optimizer is already private; pass the original optimizer")
-    in_model = {id(p) for p in module.parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in in_model:
-                raise ValueError(
-                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
-                    "build the optimizer from model.parameters()"
-                )
-
-
-def _check_loader(data_loader: DataLoader) -> None:
-    if not isinstance(data_loader, DataLoader):
-        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
-    if isinstance(data_loader.dataset, IterableDataset):
-        raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
-    if data_loader.batch_size is None:
-        raise ValueError("the data loader needs a batch_size: it is the expected logical batch size")
-
-
-def _check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
-    if loss_reduction not in ("mean", "sum"):
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-    reduction = getattr(criterion, "reduction", None)
-    if reduction is not None and reduction != loss_reduction:
-        raise ValueError(
-            f"the criterion reduces by {reduction!r} but loss_reduction={loss_reduction!r}; make them agree"
-        )
-
-
-def _sharding_group(shards: dict, process_group, two_pass: bool, clipping_mode: str):
-    """The process group of a model sharded by fully_shard (its mesh's), checked against the options."""
-    if two_pass:
-        raise ValueError(
-            f"clipping_mode={clipping_mode!r} takes the clipped sum from autograd's weight gradients, which "
-            "fully_shard reduce-scatters by its own rules; use a bk mode (or auto) with a sharded model"
-        )
-    group = sharding.mesh_group(shards)
-    if process_group is not None and dist.get_process_group_ranks(process_group) != dist.get_process_group_ranks(group):
-        raise ValueError("process_group differs from the device mesh the model is sharded on; leave it out")
-    return group
+def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | None, poisson_sampling: bool,
+                    max_physical_batch_size: int | None, fixed_physical_batch: bool) -> DPDataLoader:
+    """The user's loader made private: Poisson-sampled logical batches (each rank its shard of the
+    data set), split into physical batches; or the user's own batches when poisson_sampling=False."""
+    if poisson_sampling:
+        rate = data_loader.batch_size / len(data_loader.dataset)
+        logical = PoissonBatchSampler(len(data_loader.dataset), rate, steps=len(data_loader), seed=seed,
+                                      rank=topology.rank, world_size=topology.world)
+    else:
+        logical = data_loader.batch_sampler
+    return DPDataLoader(data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
+                        fixed_physical_batch=fixed_physical_batch, common_count=topology.common_count(),
+                        **loader_options(data_loader))
 
 
 class PrivacyEngine:
@@ -109,7 +61,7 @@ class PrivacyEngine:
         self.controller: Controller | None = None
         self.optimizer: DPOptimizer | None = None
         self.data_loader: DPDataLoader | None = None
-        self.grouping: Grouping | None = None
+        self.clipping: ClippingConfig | None = None
         self.poisson_sampling = True
         self.sample_rate: float | None = None
         self._module: nn.Module | None = None
@@ -144,88 +96,42 @@ class PrivacyEngine:
         `process_group`: under torch.distributed, the processes that train together (default: all)."""
         if self.controller is not None:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
-        distributed.check_not_wrapped(module)
-        params = _check_module(module)
-        shards = sharding.sharded_params(params)
-        _check_optimizer(optimizer, module)
-        _check_loader(data_loader)
-        _check_criterion(criterion, loss_reduction)
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        clip_fn = clipping_function(clipping_fn)
-        choose: MethodChooser = method_chooser(clipping_mode, memory_budget)
-        grouping = make_grouping(clipping_style, list(params), max_grad_norm)
-        two_pass = clipping_mode in TWO_PASS_MODES
-        if two_pass and criterion is None:
-            raise ValueError(
-                f"clipping_mode={clipping_mode!r} makes two backward passes through the criterion: pass "
-                "criterion= to make_private and use the one it returns"
-            )
-        if two_pass and len(grouping.groups) > 1:
-            raise ValueError(
-                f"clipping_mode={clipping_mode!r} reweights the loss with one factor per example, so it "
-                "supports all-layer clipping only; use a bk mode for group-wise clipping"
-            )
-        if max_physical_batch_size is not None and max_physical_batch_size < 1:
-            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
-        if shards:
-            process_group = _sharding_group(shards, process_group, two_pass, clipping_mode)
+        params = _checks.trainable_parameters(module, _ATTACHED)
+        topology = Topology.of(params, process_group)
+        _checks.check_optimizer(optimizer, module)
+        _checks.check_loader(data_loader)
+        _checks.check_criterion(criterion, loss_reduction)
+        _checks.check_noise(noise_multiplier)
+        clipping = ClippingConfig.create(clipping_mode, clipping_style, clipping_fn, loss_reduction, max_grad_norm,
+                                         list(params), memory_budget)
+        _checks.check_clipping(clipping, criterion)
+        _checks.check_batches(max_physical_batch_size, fixed_physical_batch)
+        _checks.check_topology(topology, clipping, poisson_sampling)
 
-        num_samples = len(data_loader.dataset)
-        self.sample_rate = data_loader.batch_size / num_samples
-        rank, world = distributed.rank_and_world(process_group)
-        device = sharding.compute_device(next(iter(shards.values()))) if shards else next(iter(params.values())).device
-        shard_noise, common_count = None, None
-        if world > 1:
-            if not poisson_sampling:
-                raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
-            seed = distributed.shared_seed(seed, process_group, device)
-            if shards:
-                shard_noise = sharding.shard_generator(noise_generator, seed, device)
-                common_count = lambda n: distributed.most(n, process_group, device)  # noqa: E731
-            if noise_generator is None:  # the same noise on every rank: it enters the global sum once
-                noise_generator = torch.Generator(device=device)
-                noise_generator.manual_seed(seed + 7919)
-        if poisson_sampling:
-            logical = PoissonBatchSampler(num_samples, self.sample_rate, steps=len(data_loader), seed=seed,
-                                          rank=rank, world_size=world)
-        else:
-            logical = data_loader.batch_sampler
-        dp_loader = DPDataLoader(
-            data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
-            fixed_physical_batch=fixed_physical_batch, common_count=common_count, **loader_options(data_loader)
-        )
-
-        controller = Controller(module, params, param_grads=two_pass)
-        if isinstance(clipping_style, int) and not isinstance(clipping_style, bool):
-            controller.on_trace(lambda c: self._regroup(clipping_style, max_grad_norm, c.first_use_order))
-        dp_optimizer = DPOptimizer(
-            optimizer, controller, grouping, clip_fn, choose, noise_multiplier,
-            expected_batch_size=float(data_loader.batch_size), loss_reduction=loss_reduction,
-            noise_generator=noise_generator, two_pass=two_pass, process_group=process_group,
-            shards=shards, shard_noise_generator=shard_noise,
-        )
-        dp_optimizer.on_logical_step.append(self._account_step)
-        if not two_pass:
-            release = EarlyRelease(controller, lambda: self.grouping, dp_optimizer.clip_and_add)
-            controller.on_grad = release.on_grad
-        dp_loader.attach(dp_optimizer)
-        if world > 1:
-            distributed.broadcast_state(module, process_group)
+        seed = topology.shared_seed(seed)
+        loader = _private_loader(data_loader, topology, seed, poisson_sampling, max_physical_batch_size,
+                                 fixed_physical_batch)
+        controller = Controller(module, params, param_grads=clipping.two_pass)
+        controller.on_trace(clipping.follow_first_use)
+        noise = NoiseSource.create(noise_generator, seed, topology.world, bool(topology.shards), topology.device)
+        dp_optimizer = DPOptimizer(optimizer, controller, clipping, noise, noise_multiplier,
+                                   float(data_loader.batch_size), topology)
+        dp_optimizer.on_logical_step(self._account_step)
+        loader.on_physical_batch(dp_optimizer.begin_physical_batch)
+        if not clipping.two_pass:
+            controller.on_grad(EarlyRelease(controller, clipping, dp_optimizer.clip_and_add).on_grad)
+        topology.broadcast_state(module)
         controller.attach()
         _ATTACHED.add(module)
 
-        self.controller, self.optimizer, self.data_loader = controller, dp_optimizer, dp_loader
-        self.grouping, self.poisson_sampling, self._module = grouping, poisson_sampling, module
-        logger.info(
-            "dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
-            len(params), len(grouping.groups), noise_multiplier, self.sample_rate, clipping_mode,
-        )
+        self.controller, self.optimizer, self.data_loader, self.clipping = controller, dp_optimizer, loader, clipping
+        self.poisson_sampling, self._module = poisson_sampling, module
+        self.sample_rate = data_loader.batch_size / len(data_loader.dataset)
+        logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
+                    len(params), len(clipping.grouping.groups), noise_multiplier, self.sample_rate, clipping_mode)
         if criterion is None:
-            return module, dp_optimizer, dp_loader
-        if two_pass:
-            criterion = DPLoss(criterion, dp_optimizer, loss_reduction)
-        return module, dp_optimizer, criterion, dp_loader
+            return module, dp_optimizer, loader
+        return module, dp_optimizer, DPLoss(criterion, dp_optimizer) if clipping.two_pass else criterion, loader
 
     def make_private_with_epsilon(
         self,
@@ -243,18 +149,12 @@ class PrivacyEngine:
             raise ValueError("give target_epsilon or noise_multiplier, not both")
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs= or steps=")
-        _check_loader(data_loader)
+        _checks.check_loader(data_loader)
         sample_rate = data_loader.batch_size / len(data_loader.dataset)
         total_steps = steps if steps is not None else epochs * len(data_loader)
         sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps, self.accountant.kind)
         logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps", sigma, target_epsilon, total_steps)
         return self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
-
-    def _regroup(self, style: int, max_grad_norm, order: list[str]) -> None:
-        """int M groups are consecutive layers in the order of first use, known after the trace."""
-        grouping = make_grouping(style, order, max_grad_norm)
-        self.grouping = grouping
-        self.optimizer.grouping = grouping
 
     def _account_step(self) -> None:
         self.accountant.step(self.optimizer.noise_multiplier, self.sample_rate)
@@ -267,10 +167,16 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
     @property
-    def plan(self) -> list:
+    def grouping(self) -> Grouping | None:
+        """The clipping groups and their thresholds (for `clipping_style=M`, final after the first
+        forward pass)."""
+        return self.clipping.grouping if self.clipping else None
+
+    @property
+    def plan(self) -> list[LayerPlan]:
         """With clipping_mode="auto": each layer's method and estimated costs (after the first step)."""
-        planner = getattr(self.optimizer, "choose", None)
-        return list(getattr(planner, "plan", {}).values())
+        chooser = self.clipping.chooser if self.clipping else None
+        return list(chooser.plan.values()) if isinstance(chooser, Planner) else []
 
     @property
     def noise_multiplier(self) -> float | None:

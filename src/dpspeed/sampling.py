@@ -6,9 +6,11 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .noise import draw_seed
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -29,7 +31,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.generator = torch.Generator()
-        base = seed if seed is not None else int(torch.randint(2**62, ()).item())
+        base = seed if seed is not None else draw_seed()
         self.generator.manual_seed(base + rank)  # ranks draw independently
 
     def __len__(self) -> int:
@@ -106,7 +108,8 @@ def _pad(batch: Any, filler: Any, size: int) -> tuple[Any, torch.Tensor]:
 
 
 class DPDataLoader:
-    """Yields physical batches; before each one, tells the optimizer whether it ends a logical batch.
+    """Yields physical batches; before each one, tells its listeners (the optimizer) whether it ends
+    a logical batch (`on_physical_batch`).
 
     `len()` is the number of logical batches (optimizer steps) per epoch. An empty logical batch
     yields one batch with zero rows, so that the step (noise only) still happens. With
@@ -131,12 +134,6 @@ class DPDataLoader:
         pin_memory: bool = False,
         **loader_kwargs,
     ):
-        if isinstance(dataset, IterableDataset):
-            raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
-        if max_physical_batch_size is not None and max_physical_batch_size < 1:
-            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
-        if fixed_physical_batch and max_physical_batch_size is None:
-            raise ValueError("fixed_physical_batch=True needs max_physical_batch_size: the shape to pad to")
         collate_fn = collate_fn or default_collate
         self.dataset = dataset
         self.fixed_size = max_physical_batch_size if fixed_physical_batch else None
@@ -152,10 +149,12 @@ class DPDataLoader:
             pin_memory=pin_memory,
             **loader_kwargs,
         )
-        self.optimizer = None
+        self._on_physical_batch: list[Callable[[bool, torch.Tensor | None], None]] = []
 
-    def attach(self, optimizer) -> None:
-        self.optimizer = optimizer
+    def on_physical_batch(self, callback: Callable[[bool, torch.Tensor | None], None]) -> None:
+        """Call `callback(last, row_mask)` before each physical batch is yielded: whether it ends its
+        logical batch, and for fixed-shape batches which rows are real (None otherwise)."""
+        self._on_physical_batch.append(callback)
 
     def __len__(self) -> int:
         return len(self.logical_batches)
@@ -166,9 +165,8 @@ class DPDataLoader:
             mask = None
             if self.fixed_size is not None:
                 batch, mask = _pad(batch, self.filler, self.fixed_size)
-            if self.optimizer is not None:
-                self.optimizer.is_last_physical_batch = end
-                self.optimizer.row_mask = mask
+            for callback in self._on_physical_batch:
+                callback(end, mask)
             yield batch
 
     @property

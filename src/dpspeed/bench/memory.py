@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..grouping import ClippingStyle, make_groups
+from ..clipping.groups import ClippingStyle, make_groups
 from .workload import logits
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..sections import SectionTimer
+from ..profiling import SectionTimer
 from .amdahl import fit_parallel_fraction
 from .setups import NON_PRIVATE, Setup
 from .study import DEFAULT_MODES, BenchConfig, environment

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..engine import PrivacyEngine
-from ..grouping import ClippingStyle
-from ..sections import section
+from ..clipping.groups import ClippingStyle
+from ..profiling import section
 from .search import free_memory
 from .workload import logits
 
@@ -95,7 +95,7 @@ class Setup:
         if self.label.startswith("opacus-"):
             self.optimizer.signal_skip_step(do_skip=not last)
         elif self.private:
-            self.optimizer.is_last_physical_batch = last
+            self.optimizer.begin_physical_batch(last)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, precision_name: str, last: bool = False) -> None:
         """One physical batch. With last=False it only accumulates (a private setup clips and adds
@@ -123,7 +123,7 @@ class Setup:
         free_memory() then gives their memory back."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.engine is not None:
-            self.engine.optimizer.summed = {}
+            self.engine.optimizer.discard_logical_batch()
         if self.label.startswith("opacus-"):  # its hooks count forwards and stack activations
             for module in self.model.modules():
                 if hasattr(module, "activations"):

@@ -16,7 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
-from ..modes import ALL_MODES
+from ..clipping.methods import ALL_MODES
 from .memory import fact_6_1, layer_sizes, peak_bytes
 from .results import recommend
 from .search import free_memory, largest_batch

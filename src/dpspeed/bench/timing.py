@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..sections import SectionTimer, sync
+from ..profiling import SectionTimer, sync
 from .setups import Setup
 from .workload import Workload
 
@@ -21,12 +22,16 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def timed_step(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, last: bool = False) -> float:
+Clock = Callable[[], float]
+
+
+def timed_step(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, last: bool = False,
+               clock: Clock = time.perf_counter) -> float:
     sync(x.device)
-    start = time.perf_counter()
+    start = clock()
     setup.step(x, y, precision, last=last)
     sync(x.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def throughput(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, repeats: int, warmup: int) -> dict:
@@ -41,19 +46,21 @@ def throughput(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, r
             "per_second": batch / median, "per_second_q1": batch / q3, "per_second_q3": batch / q1}
 
 
-def breakdown(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, repeats: int) -> dict:
+def breakdown(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, repeats: int,
+              clock: Clock = time.perf_counter) -> dict:
     """Median seconds of each part of a whole step (one physical batch that is also the last of its
     logical batch), measured with synchronised section timers, next to the median of uninstrumented
-    whole steps; the two runs alternate so that drift hits both alike."""
+    whole steps; the two runs alternate so that drift hits both alike. (`clock`: seconds; the tests
+    count operations instead, which no load on the machine disturbs.)"""
     device = x.device
-    timed_step(setup, x, y, precision, last=True)  # warm-up
+    timed_step(setup, x, y, precision, last=True, clock=clock)  # warm-up
     runs: list[dict[str, float]] = []
     whole: list[float] = []
     for _ in range(repeats):
-        with SectionTimer(device) as timer:
+        with SectionTimer(device, clock) as timer:
             setup.step(x, y, precision, last=True)
         runs.append(timer.seconds)
-        whole.append(timed_step(setup, x, y, precision, last=True))
+        whole.append(timed_step(setup, x, y, precision, last=True, clock=clock))
     names = list(dict.fromkeys(n for run in runs for n in run))
     parts = {n: statistics.median(run.get(n, 0.0) for run in runs) for n in names}
     if "step" in parts:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import models
+from ..apps import models
 
 
 @dataclass(frozen=True)

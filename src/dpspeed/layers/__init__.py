@@ -1,6 +1,8 @@
-"""Per-sample gradient rules, one file per layer family."""
+"""Per-example gradient rules, one file per layer family, and the registry that binds them to
+module types. A rule receives the recorded `Call`s of its module."""
 
-from .base import Call, LayerRule
+from ..capture.records import Call
 from .registry import register_rule, rule_for
+from .rule import LayerRule
 
 __all__ = ["Call", "LayerRule", "register_rule", "rule_for"]

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Call, LayerRule, compute_dtype, factors_in, to_acc, weighted_sum
-from .linear import ghost_sq_norm
+from ..capture.records import Call
+from ._gram import ghost_sq_norm
+from .precision import compute_dtype, factors_in, to_acc, weighted_sum
+from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Call, LayerRule, to_acc
+from ..capture.records import Call
+from .precision import to_acc
+from .rule import LayerRule
 
 
 def _operands(module: nn.Embedding, call: Call) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .base import Call, LayerRule
-
-
-def batch_size(call: Call) -> int:
-    """The batch size of a call: the leading dimension of its first output gradient."""
-    return next(g.shape[0] for g in call.output_grads if g is not None)
+from ..capture.records import Call
+from .rule import LayerRule
 
 
 def per_example_pullback(
@@ -61,7 +57,7 @@ class FunctionalRule(LayerRule):
         self.pause_recording = pause_recording
 
     def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        batch = batch_size(call)
+        batch = call.batch_size
         leaves, spec = tree_flatten((call.args, call.kwargs))
         batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in leaves]
         inputs = [t.unsqueeze(1) if b else t for t, b in zip(leaves, batched)]

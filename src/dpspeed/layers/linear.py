@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Call, LayerRule, compute_dtype, factors_in, to_acc, weighted_sum
+from ..capture.records import Call
+from ._gram import clipped_matmul, ghost_sq_norm
+from .precision import compute_dtype, to_acc, weighted_sum
+from .rule import LayerRule
 
 
 def flatten_positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,44 +16,6 @@ def flatten_positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, t
     a, g = compute_dtype(a, g)
     batch = g.shape[0]
     return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
-
-
-def aligned_positions(t: torch.Tensor) -> torch.Tensor:
-    """(B, T, k) with T padded by zero rows to a multiple of 8: a T x T Gram matrix with rows of 16
-    bytes' multiple runs on the fast tensor-core kernels (a ViT's T = 197 falls back to slow ones).
-    Zero rows add nothing to a Gram inner product."""
-    pad = -t.shape[1] % 8
-    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
-
-
-def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
-    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p): Gram matrices and
-    their inner product as matrix products in the operands' dtype (float32 accumulation inside),
-    returned in float32. `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k,
-    v projections)."""
-    if a.shape[1] == 1:
-        return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
-    key = ("gram", a.dtype)
-    gram_a = shared.get(key) if shared is not None else None
-    if gram_a is None:
-        a = aligned_positions(a)
-        gram_a = torch.bmm(a, a.transpose(1, 2)).flatten(1)
-        if shared is not None:
-            shared[key] = gram_a
-    g = aligned_positions(g)
-    gram_g = torch.bmm(g, g.transpose(1, 2)).flatten(1)
-    return to_acc(torch.bmm(gram_a.unsqueeze(1), gram_g.unsqueeze(2)).flatten())
-
-
-def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """sum_i factors[i] * g_i^T a_i for a (B, T, d), g (B, T, p): one (p, BT) x (BT, d) product,
-    the factors folded into the smaller of the two operands."""
-    column = factors_in(g.dtype, factors).view(-1, 1, 1)
-    if a.shape[-1] < g.shape[-1]:
-        a = a * column
-    else:
-        g = g * column
-    return to_acc(torch.mm(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1])))
 
 
 def bias_terms(g: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Call, LayerRule, common_dtype
+from ..capture.records import Call
+from .precision import compute_dtype
+from .rule import LayerRule
 
 
 class AffineNormRule(LayerRule):
@@ -19,7 +21,7 @@ class AffineNormRule(LayerRule):
         raise NotImplementedError
 
     def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        x, g = common_dtype(call.input(), call.grad())
+        x, g = compute_dtype(call.input(), call.grad())
         batch = g.shape[0]
         shape = (module.weight if module.weight is not None else module.bias).shape
         if self.trailing:

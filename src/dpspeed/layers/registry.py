@@ -1,29 +1,58 @@
 """Which rule handles which module type: exact types only, so a subclass that changes the maths
-(timm's StdConv2d, LayerNorm2d) is never mistaken for its parent."""
+(timm's StdConv2d, LayerNorm2d) is never mistaken for its parent. Built-in rules are registered
+here exactly as a user's are, through `register_rule`."""
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar, overload
+
 from torch import nn
 
-from .base import LayerRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .norms import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from .rule import LayerRule
 
-_RULES: dict[type, LayerRule] = {}
+_BY_TYPE: dict[type, LayerRule] = {}
+#: classes of other libraries, by qualified name, so that registering them imports nothing
+_BY_NAME: dict[str, LayerRule] = {}
 
-#: parameter names a rule handles; any other direct parameter sends the module to the fallback
-RULE_PARAMS = ("weight", "bias")
-
-
-def register_rule(module_type: type, rule: LayerRule) -> None:
-    """Handle modules of exactly `module_type` with `rule` (an explicit opt-in, also for subclasses)."""
-    _RULES[module_type] = rule
+R = TypeVar("R", LayerRule, type)
 
 
-#: classes of other libraries with the same maths as a torch layer, by qualified name (no import)
-_RULES_BY_NAME: dict[str, LayerRule] = {}
+def _store(module_type: type | str, rule: LayerRule) -> None:
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"a rule must be a dpspeed.LayerRule (or a subclass to instantiate), got {rule!r}")
+    if isinstance(module_type, str):
+        _BY_NAME[module_type] = rule
+    elif isinstance(module_type, type) and issubclass(module_type, nn.Module):
+        _BY_TYPE[module_type] = rule
+    else:
+        raise TypeError(f"register_rule takes an nn.Module class or its qualified name, got {module_type!r}")
+
+
+@overload
+def register_rule(module_type: type | str, rule: LayerRule) -> None: ...
+@overload
+def register_rule(module_type: type | str) -> Callable[[R], R]: ...
+
+
+def register_rule(module_type, rule=None):
+    """Handle modules of exactly `module_type` (a class, or its qualified name such as
+    "transformers.pytorch_utils.Conv1D") with `rule`; an explicit opt-in, also for subclasses.
+
+    As a decorator, `@register_rule(MyLayer)` on a LayerRule subclass registers an instance of it
+    and returns the class unchanged."""
+    if rule is not None:
+        _store(module_type, rule)
+        return None
+
+    def decorate(rule_or_class: R) -> R:
+        _store(module_type, rule_or_class() if isinstance(rule_or_class, type) else rule_or_class)
+        return rule_or_class
+
+    return decorate
 
 
 def _own_class(module: nn.Module) -> type:
@@ -37,12 +66,9 @@ def _own_class(module: nn.Module) -> type:
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for the module's exact class, or None."""
     cls = _own_class(module)
-    return _RULES.get(cls) or _RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
-
-
-#: rules of known layer types (every other handler is a fallback)
-RULE_TYPES = (LinearRule, ConvRule, EmbeddingRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule)
+    return _BY_TYPE.get(cls) or _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 for _t in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
@@ -56,4 +82,4 @@ register_rule(nn.GroupNorm, GroupNormRule())
 for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_t, InstanceNormRule())
 # timm's LayerNorm is nn.LayerNorm with an optional fused kernel: F.layer_norm over the last dims
-_RULES_BY_NAME["timm.layers.norm.LayerNorm"] = LayerNormRule()
+register_rule("timm.layers.norm.LayerNorm", LayerNormRule())

@@ -1,0 +1,106 @@
+"""Every check of make_private's arguments, once, before anything is attached: a refused call
+leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Container
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, IterableDataset
+
+from .clipping.config import ClippingConfig
+from .optimizer import DPOptimizer
+from .parallel.topology import Topology
+
+
+def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
+    """The module's trainable parameters by name, after checking the module can be made private."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "do not wrap the model in DistributedDataParallel: dpspeed all-reduces the clipped gradients "
+            "itself, once per logical batch; pass the bare model"
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if module in attached:
+        raise ValueError("make_private was already called on this model; call engine.detach() first")
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"BatchNorm at '{name}' mixes examples of a batch, which breaks per-example privacy; "
+                "replace it with dpspeed.fix_model(model) (GroupNorm) first"
+            )
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return params
+
+
+def check_optimizer(optimizer: Optimizer, module: nn.Module) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, DPOptimizer):
+        raise ValueError("this optimizer is already private; pass the original optimizer")
+    in_model = {id(p) for p in module.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in in_model:
+                raise ValueError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
+                    "build the optimizer from model.parameters()"
+                )
+
+
+def check_loader(data_loader: DataLoader) -> None:
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    if isinstance(data_loader.dataset, IterableDataset):
+        raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
+    if data_loader.batch_size is None:
+        raise ValueError("the data loader needs a batch_size: it is the expected logical batch size")
+
+
+def check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
+    reduction = getattr(criterion, "reduction", None)
+    if reduction is not None and reduction != loss_reduction:
+        raise ValueError(
+            f"the criterion reduces by {reduction!r} but loss_reduction={loss_reduction!r}; make them agree"
+        )
+
+
+def check_noise(noise_multiplier: float) -> None:
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+
+
+def check_clipping(clipping: ClippingConfig, criterion: nn.Module | None) -> None:
+    """The two-pass modes need the criterion and one clipping group."""
+    if clipping.two_pass and criterion is None:
+        raise ValueError(
+            f"clipping_mode={clipping.mode!r} makes two backward passes through the criterion: pass "
+            "criterion= to make_private and use the one it returns"
+        )
+    if clipping.two_pass and len(clipping.grouping.groups) > 1:
+        raise ValueError(
+            f"clipping_mode={clipping.mode!r} reweights the loss with one factor per example, so it "
+            "supports all-layer clipping only; use a bk mode for group-wise clipping"
+        )
+
+
+def check_batches(max_physical_batch_size: int | None, fixed_physical_batch: bool) -> None:
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+    if fixed_physical_batch and max_physical_batch_size is None:
+        raise ValueError("fixed_physical_batch=True needs max_physical_batch_size: the shape to pad to")
+
+
+def check_topology(topology: Topology, clipping: ClippingConfig, poisson_sampling: bool) -> None:
+    """What training over several processes, or a sharded model, supports."""
+    if topology.shards and clipping.two_pass:
+        raise ValueError(
+            f"clipping_mode={clipping.mode!r} takes the clipped sum from autograd's weight gradients, which "
+            "fully_shard reduce-scatters by its own rules; use a bk mode (or auto) with a sharded model"
+        )
+    if topology.distributed and not poisson_sampling:
+        raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")

@@ -1,0 +1,175 @@
+"""The `dpspeed` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .train import TrainConfig, parse_style, train
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '500MB' or a number of bytes."""
+    number = text.rstrip("BbKkMmGgIi")
+    unit = text[len(number):].lower()
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; write e.g. 2GiB or 500MB")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; write e.g. 2GiB or 500MB") from None
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model under differential privacy",
+                       description="Train under DP-SGD. With no options: a small CNN on scikit-learn's digits, ε = 8.")
+    p.add_argument("--model", default=d.model, help="small_cnn, mlp, or timm:NAME (random weights)")
+    p.add_argument("--data", default=d.data, choices=["digits", "cifar10", "cifar100"])
+    p.add_argument("--data-dir", default=None, help="folder of the CIFAR python pickles (no download)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="expected logical batch size")
+    p.add_argument("--physical-batch-size", type=int, default=None, help="largest physical batch (virtual batching)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    privacy = p.add_mutually_exclusive_group()
+    privacy.add_argument("--epsilon", type=float, default=None, help=f"target ε (default {d.epsilon})")
+    privacy.add_argument("--sigma", type=float, default=None, help="noise multiplier instead of a target ε")
+    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping threshold R")
+    p.add_argument("--clipping-mode", default=d.clipping_mode)
+    p.add_argument("--clipping-style", default=d.clipping_style, help="all-layer, layer-wise, param-wise or a number of groups")
+    p.add_argument("--clipping-fn", default=d.clipping_fn, choices=["abadi", "automatic"])
+    p.add_argument("--accountant", default=d.accountant, choices=["pld", "rdp"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="folder for metrics.json and checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from ..bench.setups import PRECISIONS
+    from ..bench.study import BenchConfig
+
+    d = BenchConfig()
+    p = sub.add_parser("bench", help="measure what DP costs on this model and device",
+                       description="Measure throughput, largest physical batch, time breakdown and memory of "
+                       "non-private training and every clipping mode; write results.json, plots and report.md. "
+                       "With no options: a small CNN on the CPU in a few minutes.")
+    p.add_argument("--model", "--models", dest="models", nargs="+", default=d.models,
+                   help="small_cnn, mlp, timm:NAME or hf:MODEL_TYPE (random weights); several give the curve over sizes")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--num-classes", type=int, default=d.num_classes)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence for hf: models")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS,
+                   help="default: fp32 tf32 bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--modes", nargs="+", default=d.modes)
+    p.add_argument("--peers", nargs="*", default=[], choices=["opacus"], help="peers timed in the same run")
+    p.add_argument("--max-batch", type=int, default=None, help="upper limit of the batch search (default 64 on CPU, 4096 on GPU)")
+    p.add_argument("--min-batch", type=int, default=d.min_batch, help="smallest batch of the throughput curve")
+    p.add_argument("--memory-limit", type=parse_bytes, default=None, help="treat steps needing more as out of memory (e.g. 2GiB)")
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--memory-mode", default=d.memory_mode, help="clipping mode of the memory profile")
+    p.add_argument("--memory-styles", nargs="+", type=parse_style, default=d.memory_styles,
+                   help="clipping styles of the memory profile (a number is uniform groups)")
+    p.add_argument("--memory-batch", type=int, default=None, help="batch of the memory profile (default: the largest that fits, up to --max-batch)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="folder for results.json, plots and report.md")
+    p.add_argument("--scaling", action="store_true", help="under torchrun: throughput on 1..N processes and Amdahl's law")
+    p.add_argument("--scaling-batch", type=int, default=d.scaling_batch, help="--scaling: physical batch per process")
+    p.add_argument("--accumulate", type=int, default=d.accumulate, help="--scaling: physical batches per logical batch")
+    p.add_argument("--bandwidth", type=float, default=d.bandwidth,
+                   help="--scaling: interconnect bytes/s per link for the modelled efficiency at 8, 32, 80 processes")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rebuild report.md and plots from results.json, or compare two result folders",
+                       description="dpspeed report DIR rebuilds DIR/report.md and its plots; dpspeed report A B "
+                       "writes a comparison of two result folders (two GPUs, two versions).")
+    p.add_argument("folders", nargs="+", help="one or two folders holding results.json")
+    p.add_argument("--out", default=None, help="where to write (default: the first folder)")
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from ..bench.report import build
+    from ..bench.study import BenchConfig, Study
+
+    gpu = args.device.startswith("cuda")
+    options = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
+    options.setdefault("precisions", ["fp32", "tf32", "bf16"] if gpu else ["fp32"])
+    options.setdefault("max_batch", 4096 if gpu else 64)
+    config = BenchConfig(**options)
+    if args.scaling:
+        from ..bench.scaling import run_scaling
+
+        results = run_scaling(config)
+        if results is None:  # not rank 0
+            return 0
+    else:
+        results = Study(config, show_progress=not args.no_progress).run()
+    report = build(results, Path(config.out))
+    console.print(f"results, plots and report in [bold]{config.out}[/bold] ({report.name})")
+    for choice in results.get("recommendation", []):
+        console.print(f"recommended for {choice['model']}: mode {choice['mode']}, {choice['precision']}, "
+                      f"batch {choice['batch']}: {choice['per_second']:.1f}/s"
+                      + (f", {choice['relative_to_non_private']:.2f}× non-private" if choice["relative_to_non_private"] else ""))
+    return 130 if results.get("interrupted") else 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from ..bench.report import build, compare, load
+
+    if len(args.folders) > 2:
+        console.print("[red]error:[/red] give one folder to rebuild its report, or two to compare them")
+        return 2
+    try:
+        loaded = [load(f) for f in args.folders]
+    except FileNotFoundError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    out = Path(args.out or args.folders[0])
+    path = build(loaded[0], out) if len(loaded) == 1 else compare(loaded[0], loaded[1], tuple(args.folders), out)
+    console.print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpspeed", description="Differentially private training at non-private speed")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _bench_parser(sub)
+    _report_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    if args.command == "bench":
+        return _bench(args, console)
+    if args.command == "report":
+        return _report(args, console)
+    if args.command == "train":
+        options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        if options["epsilon"] is None and options["sigma"] is None:
+            options["epsilon"] = TrainConfig().epsilon
+        try:
+            result = train(TrainConfig(**options), show_progress=not args.no_progress)
+        except (ValueError, FileNotFoundError) as err:
+            console.print(f"[red]error:[/red] {err}")
+            return 2
+        console.print(
+            f"test accuracy [bold]{result.test_accuracy:.4f}[/bold] at ε = [bold]{result.epsilon:.2f}[/bold] "
+            f"(δ = {result.delta:g}, σ = {result.noise_multiplier:.3f}, {result.steps} steps, {result.seconds:.0f} s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

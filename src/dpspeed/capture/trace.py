@@ -1,0 +1,127 @@
+"""Find which module uses each parameter, by running the model once and watching every torch call.
+
+Ownership is not use: nn.MultiheadAttention uses its child out_proj's weight in its own forward,
+a language model uses one embedding matrix in two modules, a ViT adds its bare pos_embed in the
+root's forward. A parameter is handled by the innermost module that is running when it is used
+and that contains it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .provenance import BatchProvenance, tensors
+
+
+@dataclass
+class ParameterUses:
+    """For each parameter name, the modules that use it, and the order of first use; and the
+    modules called on inputs that do not come from the model's batched inputs (position ids)."""
+
+    users: dict[str, list[nn.Module]] = field(default_factory=lambda: defaultdict(list))
+    order: list[str] = field(default_factory=list)
+    unbatched_calls: set[int] = field(default_factory=set)  # ids of such modules
+    #: parameter -> modules that used it in their own code (no child running), at every use
+    direct_users: dict[str, list[nn.Module]] = field(default_factory=dict)
+    #: (id of a user, parameter) -> the parameter's name inside that user
+    local_names: dict[tuple[int, str], str] = field(default_factory=dict)
+
+
+def _local_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+
+
+class _UseRecorder(TorchFunctionMode):
+    """Records, at every torch call, which running module uses which parameter, and follows the
+    batch through the calls."""
+
+    def __init__(self, params: dict[int, str], stack: list[nn.Module], uses: ParameterUses,
+                 provenance: BatchProvenance):
+        super().__init__()
+        self.params, self.stack, self.uses, self.provenance = params, stack, uses, provenance
+        self._contents: dict[nn.Module, dict[int, str]] = {}
+
+    def forget_contents(self) -> None:
+        """Look the modules' parameters up again (they change while fully_shard modules run)."""
+        self._contents.clear()
+
+    def _user(self, param_id: int) -> nn.Module | None:
+        for module in reversed(self.stack):
+            if module not in self._contents:
+                self._contents[module] = _local_names(module)
+            if param_id in self._contents[module]:
+                return module
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not tensors(out):
+            return out  # .shape, .dim() and the like are not uses
+        self.provenance.follow((args, kwargs), out)
+        for leaf in tree_flatten((args, kwargs))[0]:
+            name = self.params.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if name is None:
+                continue
+            if name not in self.uses.users:
+                self.uses.order.append(name)
+            user = self._user(id(leaf))
+            if user is not None and user not in self.uses.users[name]:
+                self.uses.users[name].append(user)
+                self.uses.local_names[id(user), name] = self._contents[user][id(leaf)]
+            direct = self.uses.direct_users.setdefault(name, [self.stack[-1]] if self.stack else [])
+            if not self.stack or self.stack[-1] not in direct:
+                self.uses.direct_users[name] = []  # used inside a child at least once
+        return out
+
+
+def _rng_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, kwargs: dict) -> ParameterUses:
+    """Run `model(*args, **kwargs)` once without gradients and with the RNG state restored after.
+
+    Tensors computed from the model's inputs are followed through every torch call, to tell which
+    modules see batched inputs."""
+    uses = ParameterUses()
+    stack: list[nn.Module] = []
+    handles = []
+
+    names = {id(p): n for n, p in params.items()}
+    slots = {(id(m), local): names[id(p)] for m in model.modules()
+             for local, p in m.named_parameters(recurse=False) if id(p) in names}
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # fully_shard puts gathered tensors in place of the parameters while a module runs
+        for local, p in module.named_parameters(recurse=False):
+            if (id(module), local) in slots:
+                recorder.params[id(p)] = slots[id(module), local]
+                provenance.keep([p])
+        recorder.forget_contents()
+        stack.append(module)
+        if module is not model and not provenance.is_batched((args, kwargs)):
+            uses.unbatched_calls.add(id(module))
+
+    def leave(module: nn.Module, args: tuple, output) -> None:
+        stack.pop()
+        recorder.forget_contents()
+
+    provenance = BatchProvenance(tensors((args, kwargs)))
+    recorder = _UseRecorder(dict(names), stack, uses, provenance)
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad(), recorder:
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return uses

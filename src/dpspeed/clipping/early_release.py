@@ -1,0 +1,80 @@
+"""Group-wise memory release (Bu et al., group-wise clipping, Algorithm 1): as soon as the backward
+pass has delivered every output gradient of a set of layers whose clipping groups are complete,
+clip and sum them, and let their kept activations and output gradients go.
+
+Layers and clipping groups form a bipartite graph; its connected components are the units that
+can be released together. With layer-wise clipping each layer is its own unit, so the kept
+tensors live only as long as that layer's part of the backward pass; with all-layer clipping the
+one unit completes at the end of the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..capture.hooks import Controller
+from ..capture.records import Binding, Call, Recording
+from .config import ClippingConfig
+from .groups import Grouping
+
+
+def release_units(bindings: list[Binding], grouping: Grouping) -> dict[Binding, int]:
+    """Each binding's unit: bindings are joined when their parameters share a clipping group."""
+    parent = list(range(len(bindings)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner_of_group: dict[int, int] = {}
+    for i, binding in enumerate(bindings):
+        for name in binding.params.values():
+            group = grouping.group_of[name]
+            if group in owner_of_group:
+                parent[find(i)] = find(owner_of_group[group])
+            else:
+                owner_of_group[group] = i
+    return {b: find(i) for i, b in enumerate(bindings)}
+
+
+def _complete(calls: list[Call]) -> bool:
+    return all(g is not None for c in calls for g in c.output_grads)
+
+
+class EarlyRelease:
+    """Watches arriving output gradients (`on_grad`) and hands every completed unit of the newest
+    pass to `process(part, config)`, with the config narrowed to the unit's groups."""
+
+    def __init__(self, controller: Controller, config: ClippingConfig,
+                 process: Callable[[Recording, ClippingConfig], None]):
+        self.controller = controller
+        self.config = config
+        self.process = process
+        self._members: dict[Binding, list[Binding]] = {}
+        self._bindings: list[Binding] | None = None
+
+    def members(self, binding: Binding) -> list[Binding]:
+        """The bindings released together with `binding` (recomputed when the bindings change)."""
+        if self._bindings is not self.controller.bindings:
+            self._bindings = self.controller.bindings
+            units = release_units(self._bindings, self.config.grouping)
+            by_unit: dict[int, list[Binding]] = {}
+            for b, unit in units.items():
+                by_unit.setdefault(unit, []).append(b)
+            self._members = {b: by_unit[unit] for b, unit in units.items()}
+        return self._members.get(binding, [binding])
+
+    def on_grad(self, binding: Binding, call: Call) -> None:
+        if not _complete([call]):
+            return
+        recorded = next((p for p in reversed(self.controller.passes) if call in p.get(binding, ())), None)
+        if recorded is None:
+            return
+        unit = [b for b in self.members(binding) if b in recorded]
+        if not all(_complete(recorded[b]) for b in unit):
+            return
+        part = {b: recorded.pop(b) for b in unit}
+        names = {n for b in unit for n in b.params.values()}
+        self.process(part, self.config.with_grouping(self.config.grouping.holding(names)))

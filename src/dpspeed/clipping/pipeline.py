@@ -1,0 +1,206 @@
+"""The clipping pipeline, from one recorded pass (inputs and output gradients of every bound
+module) to the sum of clipped per-example gradients:
+
+1. squared norms: per parameter and example, by the ghost trick or from explicit gradients, as the
+   chooser decides per binding;
+2. factors: per clipping group and example, from the group's norm and threshold;
+3. clipped sums: sum_i C_i g_i per parameter, from explicit gradients where kept, by book-keeping
+   (a^T diag(C) g) elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils._pytree import tree_map
+
+from ..capture.records import Binding, Call, Recording
+from ..layers.precision import acc_dtype, to_acc, weighted_sum
+from ..profiling import section
+from .config import ClippingConfig
+from .groups import Grouping
+from .methods import EXPLICIT, LayerMethod
+
+Sums = dict[str, torch.Tensor]
+
+
+@dataclass(eq=False)
+class PassFactors:
+    """One pass after its norms: each group's clipping factor per example, and what the sums need."""
+
+    calls: dict[Binding, list[Call]]
+    methods: dict[Binding, LayerMethod]
+    explicit: Sums  # per-example gradients (B, *shape) of the parameters whose norms were explicit
+    factors: torch.Tensor  # (groups, batch), already scaled back to the recorded gradients
+    batch: int
+    nonfinite: int
+
+
+@dataclass(eq=False)
+class ClippedPass:
+    sums: Sums
+    nonfinite: int
+
+
+def _per_sample(binding: Binding, call: Call) -> Sums:
+    """Per-example gradients of one call, rows of one example summed when the batch was flattened."""
+    grads = binding.rule.per_sample_grads(binding.module, call, list(binding.params))
+    k = call.rows_per_example
+    if k == 1:
+        return grads
+    return {n: g.reshape(g.shape[0] // k, k, *g.shape[1:]).sum(1) for n, g in grads.items()}
+
+
+def _clipped_sum(binding: Binding, call: Call, factors: Sums) -> Sums:
+    k = call.rows_per_example
+    if k > 1:
+        factors = {n: f.repeat_interleave(k) for n, f in factors.items()}
+    return binding.rule.clipped_sum(binding.module, call, list(binding.params), factors)
+
+
+def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
+    """The call with every tensor row of a dropped example set to zero."""
+    keep = keep.repeat_interleave(call.rows_per_example)
+    batch = keep.shape[0]
+
+    def mask(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == batch:
+            return torch.where(keep.view(-1, *[1] * (t.dim() - 1)), t, torch.zeros((), dtype=t.dtype, device=t.device))
+        return t
+
+    grads = [mask(g) for g in call.output_grads]
+    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example, {})
+
+
+def _add(sums: Sums, name: str, value: torch.Tensor) -> None:
+    sums[name] = sums[name] + value if name in sums else value
+
+
+def _choose_methods(calls: dict[Binding, list[Call]], config: ClippingConfig) -> dict[Binding, LayerMethod]:
+    """Each binding's method; a parameter used by several calls or bindings, and a batch seen
+    flattened, take explicit gradients (their per-example sum is formed before the norm)."""
+    users: dict[str, int] = {}
+    for binding in calls:
+        for name in binding.params.values():
+            users[name] = users.get(name, 0) + 1
+    config.chooser.prepare(calls)
+    methods = {}
+    for binding, cs in calls.items():
+        shared = len(cs) > 1 or any(users[n] > 1 for n in binding.params.values())
+        flattened = any(c.rows_per_example > 1 for c in cs)
+        methods[binding] = EXPLICIT if shared or flattened else config.chooser(binding, cs)
+    return methods
+
+
+def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, LayerMethod]) -> tuple[Sums, Sums]:
+    """Per parameter, the squared per-example norms (float32) and, where explicit, the gradients."""
+    sq_norms: Sums = {}
+    explicit: Sums = {}
+    for binding, cs in calls.items():
+        local = list(binding.params)
+        for call in cs:
+            if methods[binding].ghost_norm:
+                for n, v in binding.rule.ghost_sq_norms(binding.module, call, local).items():
+                    _add(sq_norms, binding.params[n], to_acc(v))
+                continue
+            for n, g in _per_sample(binding, call).items():
+                _add(explicit, binding.params[n], g)
+    for name, g in explicit.items():
+        _add(sq_norms, name, torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc_dtype(g.dtype)).square())
+    return sq_norms, explicit
+
+
+def _group_norms(sq_norms: Sums, grouping: Grouping, batch: int) -> torch.Tensor:
+    """(groups, batch): the norm of each example's gradient over each group's parameters."""
+    device = next(iter(sq_norms.values())).device if sq_norms else torch.device("cpu")
+    zeros = torch.zeros(batch, device=device)
+    return torch.stack([sum((sq_norms[n] for n in names if n in sq_norms), zeros) for names in grouping.groups]).sqrt()
+
+
+@torch.no_grad()
+def clip_factors(recorded: Recording, config: ClippingConfig, row_mask: torch.Tensor | None = None) -> PassFactors | None:
+    """Per-example norms of every group and their clipping factors; None for an empty pass. With a
+    mean-reduced loss the recorded gradients carry a 1/batch factor, undone so that each example's
+    gradient is that of its own loss. Padding rows (`row_mask` False) and examples with a
+    non-finite gradient get factor 0."""
+    calls = {b: [c for c in cs if c.has_grads] for b, cs in recorded.items()}
+    calls = {b: cs for b, cs in calls.items() if cs}
+    if not calls:
+        return None
+    first = next(iter(calls.values()))[0]
+    batch = first.batch_size // first.rows_per_example
+    if batch == 0:
+        return None
+    loss_scale = float(batch) if config.loss_reduction == "mean" else 1.0
+    methods = _choose_methods(calls, config)
+    sq_norms, explicit = _squared_norms(calls, methods)
+    grouping = config.grouping
+    norms = _group_norms(sq_norms, grouping, batch) * loss_scale
+    factors = torch.stack([config.clip_fn(norms[m], r) for m, r in enumerate(grouping.thresholds)]) * loss_scale
+    if row_mask is not None:  # padding rows of a fixed-shape batch contribute nothing
+        keep = row_mask.to(factors.device)
+        factors = factors * keep
+        norms = torch.where(keep, norms, torch.zeros_like(norms))
+    finite = torch.isfinite(norms).all(0)
+    nonfinite = 0
+    if not bool(finite.all()):
+        nonfinite = int((~finite).sum())
+        factors = torch.where(finite, factors, torch.zeros_like(factors))
+        explicit = {n: _zero_rows(Call((g,), {}, [g]), finite).args[0] for n, g in explicit.items()}
+        calls = {b: [_zero_rows(c, finite) for c in cs] for b, cs in calls.items()}
+    return PassFactors(calls, methods, explicit, factors, batch, nonfinite)
+
+
+@torch.no_grad()
+def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[Sums]:
+    """sum_i C_i g_i, layer by layer in the pass's order, each parameter once: from explicit
+    gradients where kept (every use of a shared parameter is explicit), by book-keeping elsewhere."""
+
+    def factor(name: str) -> torch.Tensor:
+        return pf.factors[grouping.group_of[name]]
+
+    done: set[str] = set()
+    for binding, cs in pf.calls.items():
+        names = [n for n in binding.params.values() if n not in done]
+        done.update(names)
+        if not names:
+            continue
+        method = pf.methods[binding]
+        if method.reuse and not method.ghost_norm:
+            yield {name: weighted_sum(factor(name), pf.explicit[name]) for name in names}
+            continue
+        sums: Sums = {}
+        local_factors = {n: factor(g) for n, g in binding.params.items()}
+        for call in cs:
+            for n, s in _clipped_sum(binding, call, local_factors).items():
+                _add(sums, binding.params[n], s)
+        yield {name: sums[name] for name in names}  # in the binding's order, which every rank shares
+
+
+def clip_pass(recorded: Recording, config: ClippingConfig, row_mask: torch.Tensor | None = None,
+              on_sums: Callable[[Sums], None] | None = None) -> ClippedPass:
+    """Clip each example of one pass per group and sum. With `on_sums`, each layer's sums go to it
+    as soon as they are formed (and are not kept in the result)."""
+    with section("norms"):
+        pf = clip_factors(recorded, config, row_mask)
+    if pf is None:
+        release(recorded)
+        return ClippedPass({}, 0)
+    sums: Sums = {}
+    with section("clipped sums"):
+        for part in clipped_sums(pf, config.grouping):
+            if on_sums is None:
+                sums.update(part)
+            else:
+                on_sums(part)
+    release(recorded)
+    return ClippedPass(sums, pf.nonfinite)
+
+
+def release(recorded: Recording) -> None:
+    """Drop the kept tensors of every call of a clipped pass."""
+    for calls in recorded.values():
+        for call in calls:
+            call.release()

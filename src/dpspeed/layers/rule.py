@@ -1,0 +1,47 @@
+"""What a layer rule is: per-example gradients, ghost norms and clipped sums of one module type."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..capture.records import Call
+from .precision import weighted_sum
+
+
+class LayerRule:
+    """Per-example gradient rule of one module type.
+
+    `params` declares the parameters the rule covers, by their names inside the module; a child's
+    parameter that the module uses in its own forward is named with a dot (`"out_proj.weight"`).
+    A module whose used parameters are not all declared goes to a fallback rule instead.
+    `names` are the parameters a method is asked about (the trainable ones among `params`).
+    Every method receives the gradient of the *summed* loss; the engine scales for `mean`.
+    """
+
+    #: the parameters this rule computes gradients of, by name inside the module
+    params: tuple[str, ...] = ("weight", "bias")
+    #: whether `ghost_sq_norms` is implemented (norms without per-example gradients)
+    ghost: bool = False
+
+    def validate(self, module: nn.Module) -> None:
+        """Raise ValueError if this module's configuration cannot be handled exactly."""
+
+    def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """Per-example gradients, name -> tensor of shape (B, *param.shape)."""
+        raise NotImplementedError
+
+    def ghost_sq_norms(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """Squared per-example gradient norms without materialising the gradients, name -> (B,)."""
+        raise NotImplementedError
+
+    def clipped_sum(
+        self, module: nn.Module, call: Call, names: list[str], factors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """sum_i factors[name][i] * g_i(name), without per-example gradients where possible."""
+        grads = self.per_sample_grads(module, call, names)
+        return {n: weighted_sum(factors[n], grads[n]) for n in names}
+
+    def costs(self, module: nn.Module, call: Call) -> tuple[float, float] | None:
+        """(ghost cost, explicit cost) of the norm in multiply-adds per example, or None."""
+        return None

@@ -1,0 +1,57 @@
+"""Which processes train together: this rank, the group's size, the device the group communicates
+on, and the parameters sharded by fully_shard. One process without sharding is the trivial case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from . import data_parallel, fsdp
+
+
+@dataclass(eq=False)
+class Topology:
+    group: dist.ProcessGroup | None = None  # None: every process (or not distributed)
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+    shards: dict[str, DTensor] = field(default_factory=dict)  # parameters sharded by fully_shard
+
+    @classmethod
+    def of(cls, params: dict[str, nn.Parameter], process_group: dist.ProcessGroup | None) -> "Topology":
+        """The topology of a model's trainable parameters: the mesh's group for a sharded model
+        (`process_group`, if given, must be the same processes), else `process_group`."""
+        shards = fsdp.sharded_params(params)
+        if shards:
+            group = fsdp.mesh_group(shards)
+            if process_group is not None and dist.get_process_group_ranks(process_group) != dist.get_process_group_ranks(group):
+                raise ValueError("process_group differs from the device mesh the model is sharded on; leave it out")
+            process_group = group
+        rank, world = data_parallel.rank_and_world(process_group)
+        device = fsdp.compute_device(next(iter(shards.values()))) if shards else next(iter(params.values())).device
+        return cls(process_group, rank, world, device, shards)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def common_count(self) -> Callable[[int], int] | None:
+        """For a sharded model over several processes: n -> the largest n over the ranks (every
+        rank runs as many physical batches, since each one communicates)."""
+        if not (self.shards and self.distributed):
+            return None
+        return lambda n: data_parallel.most(n, self.group, self.device)
+
+    def shared_seed(self, seed: int | None) -> int | None:
+        """Across processes, rank 0's seed (drawn when none is given) on every rank."""
+        return data_parallel.shared_seed(seed, self.group, self.device) if self.distributed else seed
+
+    def broadcast_state(self, module: nn.Module) -> None:
+        """Every rank starts from rank 0's parameters and buffers."""
+        if self.distributed:
+            data_parallel.broadcast_state(module, self.group)

@@ -1,0 +1,52 @@
+"""Group-wise memory release: a group's kept tensors go as soon as its clipping factors are known."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpspeed import PrivacyEngine
+from dpspeed.capture.bindings import bind_parameters
+from dpspeed.clipping.early_release import release_units
+from dpspeed.clipping.groups import make_grouping
+
+
+def _held_when_first_layer_gradient_arrives(style) -> int:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    loader = DataLoader(TensorDataset(torch.randn(6, 4), torch.randint(0, 2, (6,))), batch_size=6)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                             data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0,
+                                             clipping_style=style, clipping_mode="bk", poisson_sampling=False)
+    held = []
+    x, y = next(iter(loader))
+    with torch.no_grad():
+        model(x)  # the first forward traces the model and installs the hooks
+    def watch(module, args, out):
+        out.register_hook(lambda g: held.append(len(engine.controller.passes[-1])))
+
+    model[2].register_forward_hook(watch)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return held[0]
+
+
+def test_layer_wise_releases_each_layer_during_backward():
+    # once the middle layer's output gradient has arrived, it and the last layer are clipped and
+    # dropped; only the first layer (its gradient still to come) is held
+    assert _held_when_first_layer_gradient_arrives("layer-wise") == 1
+
+
+def test_all_layer_keeps_everything_until_the_factors_are_known():
+    assert _held_when_first_layer_gradient_arrives("all-layer") == 3
+
+
+def test_units_join_layers_that_share_a_group():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    names = [n for n, _ in model.named_parameters()]
+    bindings = bind_parameters(model, dict(model.named_parameters()), None, lambda direct: None)
+    grouping = make_grouping([["0.weight", "1.bias"], ["0.bias", "1.weight"], ["2.weight", "2.bias"]], names, 1.0)
+    units = release_units(bindings, grouping)
+    assert units[bindings[0]] == units[bindings[1]] != units[bindings[2]]

@@ -1,0 +1,62 @@
+"""Accounting: epsilon from dp-accounting for the steps taken, calibration to a target, checkpoints,
+and a warning when the batches were not Poisson."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpspeed import PrivacyEngine
+from tests.helpers.engines import private_linear
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_epsilon_matches_dp_accounting(kind):
+    engine = PrivacyEngine(accountant=kind)
+    for _ in range(30):
+        engine.accountant.step(1.1, 0.01)
+    for _ in range(20):
+        engine.accountant.step(0.9, 0.02)
+    acc = pld_privacy_accountant.PLDAccountant() if kind == "pld" else rdp_privacy_accountant.RdpAccountant()
+    for sigma, q, steps in [(1.1, 0.01, 30), (0.9, 0.02, 20)]:
+        acc.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    assert engine.accountant.get_epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_make_private_with_epsilon_reaches_target():
+    model = nn.Linear(3, 1)
+    loader = DataLoader(TensorDataset(torch.randn(1000, 3), torch.randn(1000, 1)), batch_size=50)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        target_epsilon=2.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0)
+    for _ in range(3 * len(loader)):
+        engine.accountant.step(engine.noise_multiplier, 50 / 1000)
+    assert engine.get_epsilon(1e-5) == pytest.approx(2.0, rel=0.01)
+    assert engine.get_epsilon(1e-5) <= 2.0 * 1.0001
+
+
+def test_state_dict_round_trip_continues_epsilon():
+    engine, model, opt, loader = private_linear()
+    for x, y in loader:
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = engine.state_dict()
+    fresh, *_ = private_linear()
+    fresh.load_state_dict(state)
+    assert fresh.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+    assert fresh.data_loader.state_dict()["generator"].equal(engine.data_loader.state_dict()["generator"])
+
+
+def test_fixed_batches_warn_that_epsilon_assumes_poisson():
+    engine, model, opt, loader = private_linear(poisson_sampling=False)
+    engine.accountant.step(1.0, 0.25)
+    with pytest.warns(UserWarning, match="assumes Poisson"):
+        engine.get_epsilon(1e-5)

@@ -1,0 +1,40 @@
+"""Poisson sampling: binomial batch sizes, empty batches that still step, a resumable sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from dpspeed.sampling import PoissonBatchSampler
+from tests.helpers.engines import private_linear
+
+
+def test_poisson_batch_sizes_are_binomial():
+    n, q = 200, 0.1
+    sampler = PoissonBatchSampler(n, q, steps=2000, seed=1)
+    sizes = torch.tensor([len(b) for b in sampler], dtype=torch.float64)
+    assert abs(float(sizes.mean()) - n * q) < 0.3
+    assert abs(float(sizes.var()) - n * q * (1 - q)) < 2.0
+    indices = [i for b in PoissonBatchSampler(n, q, steps=50, seed=1) for i in b]
+    assert len(set(indices)) > 0.9 * len(set(range(n)) & set(indices))
+
+
+def test_empty_logical_batch_still_steps_with_noise():
+    engine, model, opt, loader = private_linear(noise=1.0, n=64, batch=1, seed=3)
+    empties = 0
+    for x, y in loader:
+        if len(x) == 0:
+            empties += 1
+        (model(x) - y).square().sum().backward()
+        opt.step()
+        assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()
+        opt.zero_grad()
+    assert empties > 0 and engine.accountant.steps == len(loader)
+
+
+def test_sampler_state_resumes_the_same_batches():
+    a = PoissonBatchSampler(100, 0.2, steps=3, seed=5)
+    list(a)
+    state = a.state_dict()
+    b = PoissonBatchSampler(100, 0.2, steps=3, seed=99)
+    b.load_state_dict(state)
+    assert list(a) == list(b)
