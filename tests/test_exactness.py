@@ -88,7 +88,7 @@ def test_clipped_sum_equals_reference(references, name, style, fn, reduction, ph
     assert_close(got, want, 1e-5)
 
 
-CLASSIFIERS = ["mlp", "cnn", "vit", "timm_vit_tiny", "timm_bit", "timm_convnext_atto", "hf_bert"]
+CLASSIFIERS = ["mlp", "cnn", "vit", "twice", "timm_vit_tiny", "timm_bit", "timm_convnext_atto", "hf_bert"]
 TWO_PASS_SETTINGS = [("abadi", "mean", 1), ("automatic", "sum", 3), ("abadi", "sum", None), ("automatic", "mean", None)]
 
 

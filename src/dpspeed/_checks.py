@@ -37,6 +37,19 @@ def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> d
     return params
 
 
+def check_arguments(module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, criterion: nn.Module | None,
+                    noise_multiplier: float, clipping: ClippingConfig, topology: Topology,
+                    max_physical_batch_size: int | None, fixed_physical_batch: bool, poisson_sampling: bool) -> None:
+    """make_private's arguments beyond the model, together."""
+    check_optimizer(optimizer, module)
+    check_loader(data_loader)
+    check_criterion(criterion, clipping.loss_reduction)
+    check_noise(noise_multiplier)
+    check_clipping(clipping, criterion)
+    check_batches(max_physical_batch_size, fixed_physical_batch)
+    check_topology(topology, clipping, poisson_sampling)
+
+
 def check_optimizer(optimizer: Optimizer, module: nn.Module) -> None:
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

@@ -98,16 +98,10 @@ class PrivacyEngine:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
         params = _checks.trainable_parameters(module, _ATTACHED)
         topology = Topology.of(params, process_group)
-        _checks.check_optimizer(optimizer, module)
-        _checks.check_loader(data_loader)
-        _checks.check_criterion(criterion, loss_reduction)
-        _checks.check_noise(noise_multiplier)
         clipping = ClippingConfig.create(clipping_mode, clipping_style, clipping_fn, loss_reduction, max_grad_norm,
                                          list(params), memory_budget)
-        _checks.check_clipping(clipping, criterion)
-        _checks.check_batches(max_physical_batch_size, fixed_physical_batch)
-        _checks.check_topology(topology, clipping, poisson_sampling)
-
+        _checks.check_arguments(module, optimizer, data_loader, criterion, noise_multiplier, clipping, topology,
+                                max_physical_batch_size, fixed_physical_batch, poisson_sampling)
         seed = topology.shared_seed(seed)
         loader = _private_loader(data_loader, topology, seed, poisson_sampling, max_physical_batch_size,
                                  fixed_physical_batch)

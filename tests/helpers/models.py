@@ -112,6 +112,18 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.LayerNorm(10), nn.Linear(10, 3))
 
 
+class Twice(nn.Module):
+    """One Linear applied twice in a forward pass (a shared block, weights tied across steps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
 def images(n: int, size: int, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, size, size), torch.randint(0, classes, (n,))
 
@@ -122,6 +134,7 @@ def small_cases(n: int = 6) -> dict[str, Callable[[], Case]]:
         "cnn": lambda: Case("cnn", cnn(), images(n, 8), classify),
         "vit": lambda: Case("vit", SmallViT(), images(n, 8), classify),
         "lm": lambda: Case("lm", TinyLM(), (torch.randint(0, 13, (n, 6)),), language_model),
+        "twice": lambda: Case("twice", Twice(), (torch.randn(n, 6), torch.randint(0, 3, (n,))), classify),
     }
 
 

@@ -1,0 +1,102 @@
+"""Which rule handles which parameter: a registered rule for the module's exact type when it declares
+every parameter the module uses (a child's too), a fallback otherwise; a user's rule is bound exactly
+as a built-in one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpspeed import LayerRule, register_rule
+from dpspeed.capture.bindings import bind_parameters
+from dpspeed.capture.trace import trace_uses
+from dpspeed.layers import registry
+from dpspeed.layers.linear import LinearRule
+from dpspeed.layers.functional import FunctionalRule
+from dpspeed.layers.param_ops import ParameterOpRule
+from dpspeed.testing import check_rule
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    """Rules registered by a test are gone after it."""
+    monkeypatch.setattr(registry, "_BY_TYPE", dict(registry._BY_TYPE))
+    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
+
+
+class Doubled(nn.Module):
+    """Uses its child's weight and bias in its own forward, as nn.MultiheadAttention uses out_proj's."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return 2 * F.linear(x, self.inner.weight, self.inner.bias)
+
+
+class DoubledRule(LayerRule):
+    params = ("inner.weight", "inner.bias")
+
+    def per_sample_grads(self, module, call, names):
+        a, g = call.input(), 2 * call.grad()
+        grads = {"inner.weight": torch.einsum("bp,bd->bpd", g, a), "inner.bias": g}
+        return {n: grads[n] for n in names}
+
+
+def _bound_rules(model: nn.Module, x: torch.Tensor) -> dict[str, LayerRule]:
+    params = dict(model.named_parameters())
+    uses = trace_uses(model, params, (x,), {})
+    fallback = lambda direct: ParameterOpRule(None) if direct else FunctionalRule(None)  # noqa: E731
+    return {b.name: b.rule for b in bind_parameters(model, params, uses, fallback)}
+
+
+def test_a_module_using_a_childs_parameters_falls_back_without_a_rule():
+    assert isinstance(_bound_rules(Doubled(), torch.randn(2, 4))[""], FunctionalRule)
+
+
+def test_a_rule_claims_a_childs_parameters_it_declares():
+    register_rule(Doubled, DoubledRule())
+    assert isinstance(_bound_rules(Doubled(), torch.randn(2, 4))[""], DoubledRule)
+    check_rule(Doubled(), torch.randn(5, 4))
+
+
+def test_a_rule_that_does_not_declare_a_parameter_is_not_used():
+    class Scaled(nn.Linear):
+        def __init__(self):
+            super().__init__(4, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    register_rule(Scaled, LinearRule())  # declares weight and bias only
+    assert isinstance(_bound_rules(Scaled(), torch.randn(2, 4))[""], ParameterOpRule)
+    check_rule(Scaled(), torch.randn(5, 4))
+
+
+def test_register_rule_as_a_decorator_and_by_qualified_name():
+    @register_rule(Doubled)
+    class Decorated(DoubledRule):
+        pass
+
+    assert isinstance(Decorated, type) and isinstance(registry.rule_for(Doubled()), Decorated)
+
+    class Named(nn.Linear):
+        pass
+
+    assert registry.rule_for(Named(2, 2)) is None  # a subclass is never taken for its parent
+    register_rule(f"{Named.__module__}.{Named.__qualname__}", LinearRule())
+    assert isinstance(_bound_rules(Named(4, 3), torch.randn(2, 4))[""], LinearRule)
+    check_rule(Named(4, 3), torch.randn(5, 4))
+
+
+def test_register_rule_refuses_what_is_not_a_rule_or_a_module_type():
+    with pytest.raises(TypeError, match="LayerRule"):
+        register_rule(Doubled, object())
+    with pytest.raises(TypeError, match="nn.Module class"):
+        register_rule(42, LinearRule())
