@@ -39,14 +39,14 @@ for s in "$@"; do
 print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, transformers.__version__, opacus.__version__)'" ;;
     check)
         stage check 200 env DPSPEED_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -x -q \
-            tests/test_exactness.py tests/test_precision.py
+            tests/test_exactness.py tests/layers/test_precision.py
         stage train 60 python3 -m dpspeed train --device cuda --epochs 2 --no-progress --out "/tmp/stages/train/run" ;;
     largest)  # one process per model: a failed attempt leaves nothing behind for the next
         stage largest 140 bash -c "for m in vit_3b_patch14_224 vit_5b_patch14_224; do \
             python3 benchmarks/largest_model.py --device cuda --precision bf16 --placements sharded+offload \
             --models \$m --out /tmp/stages/largest/offload_\$m.json; done" ;;
     precision)
-        stage precision 60 env DPSPEED_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -x -q tests/test_precision.py ;;
+        stage precision 60 env DPSPEED_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -x -q tests/layers/test_precision.py ;;
     scaling)
         stage scaling 60 python3 -m torch.distributed.run --nproc-per-node 1 -m dpspeed bench --scaling \
             --model $VIT --precisions bf16 --scaling-batch 128 --accumulate 4 --bandwidth 50e9 \
