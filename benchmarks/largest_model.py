@@ -26,12 +26,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpspeed import PrivacyEngine, models
+from dpspeed import PrivacyEngine
+from dpspeed.apps import models
 from dpspeed.bench.memory import peak_bytes
 from dpspeed.bench.search import free_memory, is_out_of_memory
 from dpspeed.bench.setups import autocast, tensor_cores
 from dpspeed.bench.study import environment
-from dpspeed.sections import sync
+from dpspeed.profiling import sync
 
 SIZES = ["vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224", "vit_giant_patch14_224",
          "vit_gigantic_patch14_224", "vit_3b_patch14_224", "vit_5b_patch14_224"]

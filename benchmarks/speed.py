@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dpspeed import models
+from dpspeed.apps import models
 from dpspeed.bench.setups import NON_PRIVATE, Setup
 from dpspeed.bench.study import environment
 from dpspeed.bench.timing import timed_step
