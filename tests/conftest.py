@@ -11,3 +11,12 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Layer rules registered by the test are gone after it."""
+    from dpspeed.layers import registry
+
+    monkeypatch.setattr(registry, "_BY_TYPE", dict(registry._BY_TYPE))
+    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))

@@ -17,10 +17,9 @@ def _python_blocks(markdown: str, section: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
-def test_adding_a_layer_example_runs(monkeypatch):
+@pytest.mark.usefixtures("fresh_registry")
+def test_adding_a_layer_example_runs():
     pytest.importorskip("transformers")
-    monkeypatch.setattr(registry, "_BY_TYPE", dict(registry._BY_TYPE))
-    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
     blocks = _python_blocks((DOCS / "architecture.md").read_text(), "Adding a layer")
     assert len(blocks) == 2
     namespace: dict = {}

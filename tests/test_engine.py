@@ -152,6 +152,7 @@ def _bad_cases():
         "reduction mismatch": (dict(criterion=nn.CrossEntropyLoss(reduction="sum")), ValueError, "agree"),
         "bad reduction": (dict(loss_reduction="max"), ValueError, "loss_reduction"),
         "bad physical batch": (dict(max_physical_batch_size=0), ValueError, "max_physical_batch_size"),
+        "fixed shape without a size": (dict(fixed_physical_batch=True), ValueError, "needs max_physical_batch_size"),
         "ghost without criterion": (dict(clipping_mode="ghost"), ValueError, "criterion"),
         "ghost with groups": (dict(clipping_mode="mix-ghost", clipping_style="param-wise", criterion=nn.CrossEntropyLoss()), ValueError, "all-layer"),
     }
@@ -252,3 +253,23 @@ def test_private_gradient_left_in_place_is_not_mistaken_for_autograd():
         for (xb,) in loader:
             m(xb).sum().backward()
             opt.step()
+
+
+def test_a_layer_on_a_tensor_without_the_batch_dimension_is_refused_naming_it():
+    """A Linear applied to a sum over the batch (whose length happens to equal the batch size) has
+    no per-example gradient: refused, for a built-in rule as for any other, rather than left at 0."""
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.pooled = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.inner(x).sum(1, keepdim=True) + self.pooled(self.inner(x).sum(0)).sum()
+
+    engine, (m, opt, loader) = _private(Pooled(), data_loader=DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4),
+                                        clipping_mode="bk", poisson_sampling=False)
+    (xb,) = next(iter(loader))
+    with pytest.raises(RuntimeError, match=r"Linear at 'pooled' returns a tensor without the batch dimension"):
+        m(xb).sum().backward()
+    engine.detach()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpspeed.sampling import PoissonBatchSampler
@@ -38,3 +39,21 @@ def test_sampler_state_resumes_the_same_batches():
     b = PoissonBatchSampler(100, 0.2, steps=3, seed=99)
     b.load_state_dict(state)
     assert list(a) == list(b)
+
+
+def test_a_dp_loader_refuses_what_it_cannot_batch():
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    from dpspeed.sampling import DPDataLoader
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(1)
+
+    data = TensorDataset(torch.zeros(4, 1))
+    with pytest.raises(TypeError, match="IterableDataset"):
+        DPDataLoader(Stream(), [[0]])
+    with pytest.raises(ValueError, match="max_physical_batch_size must be >= 1"):
+        DPDataLoader(data, [[0, 1]], max_physical_batch_size=0)
+    with pytest.raises(ValueError, match="needs max_physical_batch_size"):
+        DPDataLoader(data, [[0, 1]], fixed_physical_batch=True)

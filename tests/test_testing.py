@@ -8,17 +8,10 @@ import torch
 from torch import nn
 
 from dpspeed import LayerRule, register_rule
-from dpspeed.layers import registry
 from dpspeed.layers.linear import LinearRule
 from dpspeed.testing import check_model, check_rule
 
-pytestmark = pytest.mark.usefixtures("float64")
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch):
-    monkeypatch.setattr(registry, "_BY_TYPE", dict(registry._BY_TYPE))
-    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
+pytestmark = pytest.mark.usefixtures("float64", "fresh_registry")
 
 
 class Mine(nn.Linear):

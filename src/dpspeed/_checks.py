@@ -1,5 +1,8 @@
-"""Every check of make_private's arguments, once, before anything is attached: a refused call
-leaves the model exactly as it was."""
+"""make_private's argument checks, run before anything is attached, so that a refused call leaves
+the model exactly as it was. The stages made from the arguments check what is theirs as they are
+made (`ClippingConfig.create`: modes, styles, thresholds; `Topology.of`: the mesh and the process
+group; `sampling.check_batching`: the physical batches); this module checks the rest and how the
+pieces fit together."""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ from typing import Container
 
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from .clipping.config import ClippingConfig
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
+from .sampling import check_batching
 
 
 def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
@@ -37,16 +41,15 @@ def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> d
     return params
 
 
-def check_arguments(module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, criterion: nn.Module | None,
+def check_arguments(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, criterion: nn.Module | None,
                     noise_multiplier: float, clipping: ClippingConfig, topology: Topology,
                     max_physical_batch_size: int | None, fixed_physical_batch: bool, poisson_sampling: bool) -> None:
     """make_private's arguments beyond the model, together."""
     check_optimizer(optimizer, module)
-    check_loader(data_loader)
+    check_loader(data_loader, max_physical_batch_size, fixed_physical_batch)
     check_criterion(criterion, clipping.loss_reduction)
     check_noise(noise_multiplier)
     check_clipping(clipping, criterion)
-    check_batches(max_physical_batch_size, fixed_physical_batch)
     check_topology(topology, clipping, poisson_sampling)
 
 
@@ -65,11 +68,11 @@ def check_optimizer(optimizer: Optimizer, module: nn.Module) -> None:
                 )
 
 
-def check_loader(data_loader: DataLoader) -> None:
+def check_loader(data_loader: DataLoader, max_physical_batch_size: int | None = None,
+                 fixed_physical_batch: bool = False) -> None:
     if not isinstance(data_loader, DataLoader):
         raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
-    if isinstance(data_loader.dataset, IterableDataset):
-        raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
+    check_batching(data_loader.dataset, max_physical_batch_size, fixed_physical_batch)
     if data_loader.batch_size is None:
         raise ValueError("the data loader needs a batch_size: it is the expected logical batch size")
 
@@ -99,13 +102,6 @@ def check_clipping(clipping: ClippingConfig, criterion: nn.Module | None) -> Non
             f"clipping_mode={clipping.mode!r} reweights the loss with one factor per example, so it "
             "supports all-layer clipping only; use a bk mode for group-wise clipping"
         )
-
-
-def check_batches(max_physical_batch_size: int | None, fixed_physical_batch: bool) -> None:
-    if max_physical_batch_size is not None and max_physical_batch_size < 1:
-        raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
-    if fixed_physical_batch and max_physical_batch_size is None:
-        raise ValueError("fixed_physical_batch=True needs max_physical_batch_size: the shape to pad to")
 
 
 def check_topology(topology: Topology, clipping: ClippingConfig, poisson_sampling: bool) -> None:

@@ -47,8 +47,20 @@ def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | Non
     else:
         logical = data_loader.batch_sampler
     return DPDataLoader(data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
-                        fixed_physical_batch=fixed_physical_batch, common_count=topology.common_count(),
+                        fixed_physical_batch=fixed_physical_batch, common_count=topology.physical_batch_counter(),
                         **loader_options(data_loader))
+
+
+def _wire(optimizer: DPOptimizer, loader: DPDataLoader) -> Controller:
+    """Connect the stages: the loader tells the optimizer of each physical batch, the controller
+    tells the clipping config the order of first use and (one-pass modes) early release of each
+    arriving gradient, and early release hands completed units to the optimizer."""
+    controller, clipping = optimizer.controller, optimizer.clipping
+    loader.on_physical_batch(optimizer.begin_physical_batch)
+    controller.on_trace(clipping.follow_first_use)
+    if not clipping.two_pass:
+        controller.on_grad(EarlyRelease(controller, clipping, optimizer.clip_and_add).gradient_arrived)
+    return controller
 
 
 class PrivacyEngine:
@@ -100,20 +112,18 @@ class PrivacyEngine:
         topology = Topology.of(params, process_group)
         clipping = ClippingConfig.create(clipping_mode, clipping_style, clipping_fn, loss_reduction, max_grad_norm,
                                          list(params), memory_budget)
-        _checks.check_arguments(module, optimizer, data_loader, criterion, noise_multiplier, clipping, topology,
-                                max_physical_batch_size, fixed_physical_batch, poisson_sampling)
+        _checks.check_arguments(module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
+                                noise_multiplier=noise_multiplier, clipping=clipping, topology=topology,
+                                max_physical_batch_size=max_physical_batch_size,
+                                fixed_physical_batch=fixed_physical_batch, poisson_sampling=poisson_sampling)
         seed = topology.shared_seed(seed)
         loader = _private_loader(data_loader, topology, seed, poisson_sampling, max_physical_batch_size,
                                  fixed_physical_batch)
-        controller = Controller(module, params, param_grads=clipping.two_pass)
-        controller.on_trace(clipping.follow_first_use)
         noise = NoiseSource.create(noise_generator, seed, topology.world, bool(topology.shards), topology.device)
-        dp_optimizer = DPOptimizer(optimizer, controller, clipping, noise, noise_multiplier,
-                                   float(data_loader.batch_size), topology)
+        dp_optimizer = DPOptimizer(optimizer, Controller(module, params, param_grads=clipping.two_pass), clipping,
+                                   noise, noise_multiplier, float(data_loader.batch_size), topology)
+        controller = _wire(dp_optimizer, loader)
         dp_optimizer.on_logical_step(self._account_step)
-        loader.on_physical_batch(dp_optimizer.begin_physical_batch)
-        if not clipping.two_pass:
-            controller.on_grad(EarlyRelease(controller, clipping, dp_optimizer.clip_and_add).on_grad)
         topology.broadcast_state(module)
         controller.attach()
         _ATTACHED.add(module)

@@ -1,10 +1,12 @@
 """The Gaussian noise of DP-SGD, and the seed policy of every random draw (noise and sampling).
 
 Seeds: a seed the user passes is used as given; otherwise one is drawn by `draw_seed`. Across
-processes, rank 0's seed is broadcast (`parallel/data_parallel.shared_seed`): the Poisson sampler
-of each rank is seeded from it plus the rank, the replicated noise generator alike on every rank
-(the noise enters the global sum once), and the generator of a rank's shard of a fully_shard
-model differently on every rank (each coordinate gets its noise once).
+processes, rank 0's seed is broadcast (`parallel/data_parallel.shared_seed`). From that seed:
+- each rank's Poisson sampler: seed + rank (`sampling_seed`), so the ranks draw independently;
+- the noise of parameters every rank holds whole: seed + 7919, alike on every rank, so the noise
+  enters the global sum once (in one process without a user generator: torch's global one);
+- the noise of a rank's shard of a fully_shard model: differently on every rank, so each
+  coordinate gets its noise once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import torch.distributed as dist
 def draw_seed() -> int:
     """A seed when the user gives none, drawn from torch's global random number generator."""
     return int(torch.randint(2**62, ()).item())
+
+
+def sampling_seed(seed: int | None, rank: int) -> int:
+    """The seed of a rank's Poisson sampler."""
+    return (seed if seed is not None else draw_seed()) + rank
 
 
 @dataclass(eq=False)

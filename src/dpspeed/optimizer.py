@@ -1,7 +1,8 @@
 """The private optimizer. One logical batch runs through named phases:
 
 - `begin_physical_batch(last, row_mask)` — told by the data loader before each physical batch;
-- `accumulate` — at every `step()`: clip the recorded passes and add them to float32 running sums
+- `accumulate` — at every `step()`: clip the recordings and add them to float32 (float64 for
+  float64 models) running sums
   (early release may already have clipped parts of a pass during its backward pass);
 - on the last physical batch: `reduce` (add the ranks' sums up), `add_noise` (Gaussian noise once,
   to the sum), `scale` (divide by the expected batch size for a mean-reduced loss), then the
@@ -132,9 +133,9 @@ class DPOptimizer(Optimizer):
         self.summed[name] = self.summed[name] + s if name in self.summed else s
 
     def accumulate(self) -> None:
-        """Clip the examples of every recorded pass and add them to the running sums."""
+        """Clip the examples of every recording and add them to the running sums."""
         if self.clipping.two_pass:
-            if self.controller.take_passes():
+            if self.controller.take_recordings():
                 raise RuntimeError(
                     "the ghost clipping modes need the criterion returned by make_private: "
                     "loss = criterion(model(x), y); loss.backward()"
@@ -143,7 +144,7 @@ class DPOptimizer(Optimizer):
                 self._add(name, s)
             return
         self._granted.refuse_others(self.controller.params)
-        for recorded in self.controller.take_passes():  # at the step: the buckets start in reduce()
+        for recorded in self.controller.take_recordings():  # at the step: the buckets start in reduce()
             self.clip_and_add(recorded, self.clipping, start_buckets=False)
 
     def clip_and_add(self, recorded: Recording, clipping: ClippingConfig, start_buckets: bool = True) -> None:
@@ -176,7 +177,7 @@ class DPOptimizer(Optimizer):
         buckets' all-reduce starts now, during the backward pass."""
         if self.clipping.two_pass or not self.is_last_physical_batch or self._reducer() is None:
             return
-        pending = {n for recorded in self.controller.passes for b in recorded for n in b.params.values()}
+        pending = {n for recorded in self.controller.recordings for b in recorded for n in b.params.values()}
         names = {n for b in released for n in b.params.values() if n not in self.topology.shards} - pending
         with section("all-reduce"):
             self._all_reduce.final(names, self.summed)
@@ -189,9 +190,10 @@ class DPOptimizer(Optimizer):
                 self.summed.update(self._all_reduce.finish(self.summed))
 
     # ----------------------------------------------------------------------------- the logical step
-    def _sums_of_every_parameter(self) -> None:
-        """Every parameter's sum, in the parameters' order (which every rank shares, so that each
-        draws the same noise for the same parameter); zeros where no example reached it."""
+    def _complete_sums(self) -> None:
+        """Give every parameter a sum, in the parameters' order (which every rank shares, so that
+        each draws the same noise for the same parameter): zeros where no example reached it. (At
+        most what a logical batch that reached every parameter holds.)"""
         summed = {}
         for name, p in self.controller.params.items():
             total = self.summed.pop(name, None)
@@ -229,7 +231,7 @@ class DPOptimizer(Optimizer):
         if self.is_last_physical_batch:
             self.reduce()
             with section("noise"):
-                self._sums_of_every_parameter()
+                self._complete_sums()
                 self.add_noise()
                 self.scale()
                 self._set_gradients()

@@ -6,11 +6,11 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .noise import draw_seed
+from .noise import sampling_seed
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -31,8 +31,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.generator = torch.Generator()
-        base = seed if seed is not None else draw_seed()
-        self.generator.manual_seed(base + rank)  # ranks draw independently
+        self.generator.manual_seed(sampling_seed(seed, rank))  # ranks draw independently
 
     def __len__(self) -> int:
         return self.steps
@@ -47,6 +46,16 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def check_batching(dataset: Dataset, max_physical_batch_size: int | None, fixed_physical_batch: bool) -> None:
+    """What a DPDataLoader needs of its arguments (make_private checks them before it attaches)."""
+    if isinstance(dataset, IterableDataset):
+        raise TypeError("an IterableDataset cannot be Poisson-sampled; use a map-style Dataset")
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+    if fixed_physical_batch and max_physical_batch_size is None:
+        raise ValueError("fixed_physical_batch=True needs max_physical_batch_size: the shape to pad to")
 
 
 class _PhysicalBatches(Sampler[list[int]]):
@@ -134,6 +143,7 @@ class DPDataLoader:
         pin_memory: bool = False,
         **loader_kwargs,
     ):
+        check_batching(dataset, max_physical_batch_size, fixed_physical_batch)
         collate_fn = collate_fn or default_collate
         self.dataset = dataset
         self.fixed_size = max_physical_batch_size if fixed_physical_batch else None

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .clipping.methods import MODES
 from .engine import PrivacyEngine
 
 #: (model, batch) -> the per-example losses, shape (B,)
 PerExampleLoss = Callable[[nn.Module, tuple], torch.Tensor]
 #: (model, batch) -> the loss to call backward on
 Loss = Callable[[nn.Module, tuple], torch.Tensor]
-ONE_PASS_MODES = ("per-example", "bk", "bk-mix-ghost", "bk-mix-opt", "auto")
+ONE_PASS_MODES = (*MODES, "auto")
 
 
 def reference_groups(style, names: list[str]) -> list[list[str]]:

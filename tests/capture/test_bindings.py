@@ -18,14 +18,7 @@ from dpspeed.layers.functional import FunctionalRule
 from dpspeed.layers.param_ops import ParameterOpRule
 from dpspeed.testing import check_rule
 
-pytestmark = pytest.mark.usefixtures("float64")
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch):
-    """Rules registered by a test are gone after it."""
-    monkeypatch.setattr(registry, "_BY_TYPE", dict(registry._BY_TYPE))
-    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
+pytestmark = pytest.mark.usefixtures("float64", "fresh_registry")
 
 
 class Doubled(nn.Module):

@@ -70,7 +70,7 @@ class Controller:
         self.param_grads = param_grads  # True: leave autograd's parameter gradients on (two-pass ghost)
         self._slots = [(p, *owner_of(model, n)) for n, p in params.items()]
         self.bindings: list[Binding] = []
-        self.passes: list[Recording] = []
+        self.recordings: list[Recording] = []  # one per forward pass, until clipped
         self.first_use_order: list[str] = list(params)
         self.traced = False
         self._paused = False
@@ -100,7 +100,7 @@ class Controller:
             handle.remove()
         self._root_hooks, self._binding_hooks = [], []
         self._set_requires_grad(True)
-        self.passes.clear()
+        self.recordings.clear()
         self.bindings = []
 
     def on_trace(self, callback: Callable[[list[str]], None]) -> None:
@@ -173,7 +173,7 @@ class Controller:
         if torch.is_grad_enabled():
             self._pass_batch = _batch_of(args, kwargs)
             self._shared = {}  # inputs of this pass stay alive in its calls: their ids are unique
-            self.passes.append({})
+            self.recordings.append({})
             if not self.param_grads:
                 self._set_requires_grad(False)
         if just_traced and self._root_taps is not None:
@@ -218,7 +218,7 @@ class Controller:
             indices.append(i)
             shapes.append((leaf.shape, leaf.dtype, leaf.device))
         call.output_spec = TapSpec(indices, shapes)
-        self.passes[-1].setdefault(binding, []).append(call)
+        self.recordings[-1].setdefault(binding, []).append(call)
         return leaves
 
     def _arrived(self, binding: Binding, call: Call, slot: int, grad: torch.Tensor) -> None:
@@ -237,7 +237,7 @@ class Controller:
         return rows // examples
 
     def _recording(self) -> bool:
-        return not self._paused and torch.is_grad_enabled() and bool(self.passes)
+        return not self._paused and torch.is_grad_enabled() and bool(self.recordings)
 
     def _make_tap(self, binding: Binding):
         @torch.compiler.disable
@@ -266,22 +266,22 @@ class Controller:
         return self._tap_leaves(binding, use, leaves, rows)
 
     # ----------------------------------------------------------------------------- consumption
-    def take_passes(self) -> list[Recording]:
-        """The recorded passes that received gradients; forgets everything recorded so far."""
-        done = [p for p in self.passes if any(c.has_grads for calls in p.values() for c in calls)]
+    def take_recordings(self) -> list[Recording]:
+        """The recordings that received gradients; forgets everything recorded so far."""
+        done = [r for r in self.recordings if any(c.has_grads for calls in r.values() for c in calls)]
         self._tapped = []
-        self.passes = []
+        self.recordings = []
         return done
 
-    def take_passes_now(self) -> list[Recording]:
-        """Every recorded pass, before any gradient has arrived (the two-pass modes); forgets them."""
-        passes, self.passes = self.passes, []
-        return passes
+    def take_recordings_now(self) -> list[Recording]:
+        """Every recording, before any gradient has arrived (the two-pass modes); forgets them."""
+        recordings, self.recordings = self.recordings, []
+        return recordings
 
     def take_tapped(self) -> list[torch.Tensor]:
         tapped, self._tapped = self._tapped, []
         return tapped
 
     def clear(self) -> None:
-        self.passes = []
+        self.recordings = []
         self._tapped = []

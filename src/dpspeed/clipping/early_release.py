@@ -44,8 +44,8 @@ def _complete(calls: list[Call]) -> bool:
 
 
 class EarlyRelease:
-    """Watches arriving output gradients (`on_grad`) and hands every completed unit of the newest
-    pass to `process(part, config)`, with the config narrowed to the unit's groups."""
+    """Watches arriving output gradients (`gradient_arrived`) and hands every completed unit of a
+    recording to `process(part, config)`, with the config narrowed to the unit's groups."""
 
     def __init__(self, controller: Controller, config: ClippingConfig,
                  process: Callable[[Recording, ClippingConfig], None]):
@@ -66,10 +66,11 @@ class EarlyRelease:
             self._members = {b: by_unit[unit] for b, unit in units.items()}
         return self._members.get(binding, [binding])
 
-    def on_grad(self, binding: Binding, call: Call) -> None:
+    def gradient_arrived(self, binding: Binding, call: Call) -> None:
+        """Clip the unit of `binding` if this gradient completed it."""
         if not _complete([call]):
             return
-        recorded = next((p for p in reversed(self.controller.passes) if call in p.get(binding, ())), None)
+        recorded = next((r for r in reversed(self.controller.recordings) if call in r.get(binding, ())), None)
         if recorded is None:
             return
         unit = [b for b in self.members(binding) if b in recorded]

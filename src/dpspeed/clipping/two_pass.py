@@ -88,12 +88,12 @@ class DPLossValue:
         """First pass: back to the recorded outputs only; each example's clipping factor."""
         optimizer = self.loss.optimizer
         tapped = optimizer.controller.take_tapped()
-        passes = optimizer.controller.take_passes_now()
+        recordings = optimizer.controller.take_recordings_now()
         if tapped:
             torch.autograd.grad(self.per_example.sum(), tapped, retain_graph=True, allow_unused=True)
         factors = None
         config = optimizer.clipping.of_unreduced_losses()
-        for recorded in passes:
+        for recorded in recordings:
             with section("norms"):
                 pf = clip_factors(recorded, config, optimizer.row_mask)
             release(recorded)

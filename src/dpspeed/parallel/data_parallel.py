@@ -38,14 +38,6 @@ def _source(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def check_not_wrapped(module: nn.Module) -> None:
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "do not wrap the model in DistributedDataParallel: dpspeed all-reduces the clipped gradients "
-            "itself, once per logical batch; pass the bare model"
-        )
-
-
 def broadcast_state(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Every rank starts from rank 0's parameters and buffers (sharded ones are each rank's own)."""
     from torch.distributed.tensor import DTensor

@@ -40,9 +40,9 @@ class Topology:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def common_count(self) -> Callable[[int], int] | None:
-        """For a sharded model over several processes: n -> the largest n over the ranks (every
-        rank runs as many physical batches, since each one communicates)."""
+    def physical_batch_counter(self) -> Callable[[int], int] | None:
+        """For a sharded model over several processes, the function n -> the largest n over the
+        ranks: every rank runs as many physical batches, since each one communicates."""
         if not (self.shards and self.distributed):
             return None
         return lambda n: data_parallel.most(n, self.group, self.device)

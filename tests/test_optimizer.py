@@ -1,0 +1,80 @@
+"""The private optimizer's phases: physical batches accumulate until the last one of a logical batch,
+sums survive zero_grad, padding rows are left out, the mean is taken over the expected batch size,
+and the user's optimizer steps once per logical batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpspeed import PrivacyEngine
+
+X = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+
+def _private(reduction: str = "sum"):
+    """Per-example gradients x_i of a bias-free Linear(3, 1) under loss = output.sum(); no clipping
+    (R far above every norm), no noise."""
+    model = nn.Linear(3, 1, bias=False)
+    loader = DataLoader(TensorDataset(torch.zeros(8, 3)), batch_size=4)
+    model, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=1e6, loss_reduction=reduction, clipping_mode="bk", poisson_sampling=False)
+    return model, optimizer
+
+
+def _backward(model: nn.Module, x: torch.Tensor, reduction: str = "sum") -> None:
+    out = model(x)
+    (out.sum() if reduction == "sum" else out.sum() / len(x)).backward()
+
+
+def test_physical_batches_accumulate_until_the_last_one():
+    model, optimizer = _private()
+    steps = []
+    optimizer.on_logical_step(lambda: steps.append(optimizer.logical_steps))
+    optimizer.begin_physical_batch(last=False)
+    _backward(model, X[:2])
+    optimizer.step()
+    optimizer.zero_grad()
+    assert model.weight.grad is None and steps == [] and set(optimizer.summed) == {"weight"}
+    optimizer.begin_physical_batch(last=True)
+    _backward(model, X[2:])
+    optimizer.step()
+    assert steps == [1] and optimizer.summed == {}
+    assert torch.allclose(model.weight.grad, X.sum(0, keepdim=True))
+
+
+def test_a_mean_is_taken_over_the_expected_batch_size():
+    model, optimizer = _private("mean")
+    optimizer.begin_physical_batch(last=True)
+    _backward(model, X[:2], "mean")  # 2 examples drawn where 4 were expected
+    optimizer.step()
+    assert torch.allclose(model.weight.grad, X[:2].sum(0, keepdim=True) / 4)
+
+
+def test_padding_rows_contribute_nothing():
+    model, optimizer = _private()
+    optimizer.begin_physical_batch(last=True, row_mask=torch.tensor([True, False, True, False]))
+    _backward(model, X)
+    optimizer.step()
+    assert torch.allclose(model.weight.grad, (X[0] + X[2]).unsqueeze(0))
+
+
+def test_a_discarded_logical_batch_leaves_nothing_behind():
+    model, optimizer = _private()
+    optimizer.begin_physical_batch(last=False)
+    _backward(model, X)
+    optimizer.step()
+    optimizer.discard_logical_batch()
+    optimizer.begin_physical_batch(last=True)
+    _backward(model, X[:1])
+    optimizer.step()
+    assert torch.allclose(model.weight.grad, X[:1])
+
+
+def test_parameter_groups_cannot_be_added_after_make_private():
+    _, optimizer = _private()
+    with pytest.raises(RuntimeError, match="before make_private"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
