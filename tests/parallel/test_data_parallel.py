@@ -46,7 +46,8 @@ def _scenario(rank: int, scenario: str) -> dict:
     engine = PrivacyEngine()
     model, opt, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
-        noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, seed=5, loss_reduction="sum",
+        noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, loss_reduction="sum",
+        seed=None if scenario == "noise" else 5,  # unseeded: rank 0's entropy, shared
         clipping_mode="bk",
     )
     elements, in_backward, backward_running = [], [], [False]
@@ -55,13 +56,14 @@ def _scenario(rank: int, scenario: str) -> dict:
                                           original(t, *a, **k))[2]
     record = {"indices": [], "grads": [], "steps": 0, "empty": 0}
     start = {n: p.detach().clone().tolist() for n, p in model.named_parameters()}
+    sampler_state = loader.logical_batches.state_dict()
     for step, batch_indices in enumerate(loader.logical_batches):
         record["indices"].append(batch_indices)
         if not batch_indices:
             record["empty"] += 1
         if step == 2:
             break
-    loader.logical_batches.generator.manual_seed(5 + rank)  # replay the same draws for training
+    loader.logical_batches.load_state_dict(sampler_state)  # replay the same draws for training
     for xb, yb in loader:
         if scenario == "dead" and rank == 1:
             os._exit(0)

@@ -47,7 +47,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clipping-fn", default=d.clipping_fn, choices=["abadi", "automatic"])
     p.add_argument("--accountant", default=d.accountant, choices=["pld", "rdp"])
     p.add_argument("--device", default=d.device)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the model's initialisation and the data split")
+    p.add_argument("--reproducible", action="store_true",
+                   help="seed the batches and the noise with --seed too: anyone who knows it can regenerate them")
     p.add_argument("--out", default=None, help="folder for metrics.json and checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

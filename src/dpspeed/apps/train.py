@@ -35,7 +35,8 @@ class TrainConfig:
     clipping_fn: str = "automatic"
     accountant: str = "pld"
     device: str = "cpu"
-    seed: int = 0
+    seed: int = 0  # the model's initialisation and the data split
+    reproducible: bool = False  # the batches and the noise from `seed` too (anyone with it can regenerate them)
     out: str | None = None
 
 
@@ -78,7 +79,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     options = dict(
         module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=config.max_grad_norm,
         clipping_mode=config.clipping_mode, clipping_style=parse_style(config.clipping_style),
-        clipping_fn=config.clipping_fn, max_physical_batch_size=config.physical_batch_size, seed=config.seed,
+        clipping_fn=config.clipping_fn, max_physical_batch_size=config.physical_batch_size,
+        seed=config.seed if config.reproducible else None,
     )
     if config.epsilon is not None:
         model, optimizer, loader = engine.make_private_with_epsilon(

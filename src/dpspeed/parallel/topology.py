@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..noise import draw_seed
 from . import data_parallel, fsdp
 
 
@@ -47,9 +48,12 @@ class Topology:
             return None
         return lambda n: data_parallel.most(n, self.group, self.device)
 
-    def shared_seed(self, seed: int | None) -> int | None:
-        """Across processes, rank 0's seed (drawn when none is given) on every rank."""
-        return data_parallel.shared_seed(seed, self.group, self.device) if self.distributed else seed
+    def shared_seed(self, seed: int | None) -> int:
+        """`seed`, or one drawn from the operating system's entropy when none is given; across
+        processes rank 0's, on every rank."""
+        if self.distributed:
+            return data_parallel.shared_seed(seed, self.group, self.device)
+        return seed if seed is not None else draw_seed()
 
     def broadcast_state(self, module: nn.Module) -> None:
         """Every rank starts from rank 0's parameters and buffers."""
