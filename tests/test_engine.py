@@ -140,6 +140,11 @@ def _bad_cases():
         "optimizer has foreign params": (dict(optimizer=torch.optim.SGD(other.parameters(), lr=0.1)), ValueError, "not in the model"),
         "R <= 0": (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
         "sigma < 0": (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier"),
+        "sigma infinite": (dict(noise_multiplier=float("inf")), ValueError, "finite"),
+        "sigma nan": (dict(noise_multiplier=float("nan")), ValueError, "noise_multiplier"),
+        "R infinite": (dict(max_grad_norm=float("inf")), ValueError, "finite"),
+        "a group's R infinite": (dict(max_grad_norm=[1.0, float("inf")], clipping_style="param-wise"), ValueError, "finite"),
+        "empty data set": (dict(data_loader=DataLoader(TensorDataset(torch.zeros(0, 3)), batch_size=2)), ValueError, "empty"),
         "thresholds wrong length": (dict(max_grad_norm=[1.0, 1.0], clipping_style="all-layer"), ValueError, "thresholds"),
         "iterable dataset": (dict(data_loader=DataLoader(_Iterable(), batch_size=2)), TypeError, "IterableDataset"),
         "unknown mode": (dict(clipping_mode="magic"), ValueError, "clipping_mode"),
@@ -273,3 +278,47 @@ def test_a_layer_on_a_tensor_without_the_batch_dimension_is_refused_naming_it():
     with pytest.raises(RuntimeError, match=r"Linear at 'pooled' returns a tensor without the batch dimension"):
         m(xb).sum().backward()
     engine.detach()
+
+
+def test_running_statistics_of_the_private_data_are_refused_and_fix_model_removes_them():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+    with torch.no_grad():
+        model[1].weight.fill_(2.0)
+    with pytest.raises(ValueError, match=r"InstanceNorm2d at '1' keeps running statistics.*fix_model"):
+        _private(model)
+    fixed = fix_model(model)
+    assert isinstance(fixed[1], nn.InstanceNorm2d) and not fixed[1].track_running_stats
+    assert fixed[1].affine and torch.equal(fixed[1].weight, torch.full((4,), 2.0))
+    assert "1.running_mean" not in fixed.state_dict()
+    _private(fixed)
+
+
+@pytest.mark.parametrize("late", ["unfrozen", "appended"])
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_a_parameter_made_trainable_after_make_private_is_refused(late, mode):
+    """Its raw gradient would reach the optimizer, neither clipped nor noised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    extra = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the frozen weight too, as is common
+    data = DataLoader(TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=4)
+    engine, (m, opt, crit, loader) = _private(model, optimizer=optimizer, data_loader=data, clipping_mode=mode,
+                                              criterion=nn.CrossEntropyLoss())
+    if late == "unfrozen":
+        model[0].weight.requires_grad_(True)
+        forward = m
+    else:
+        opt.param_groups[0]["params"].append(extra)
+        forward = lambda x: m(x) * extra  # noqa: E731
+    x, y = next(iter(loader))
+    crit(forward(x), y).backward()
+    with pytest.raises(RuntimeError, match="not trainable in the model when make_private was called"):
+        opt.step()
+    engine.detach()
+
+
+def test_no_noise_is_said_to_be_no_privacy(caplog):
+    with caplog.at_level("WARNING", logger="dpspeed"):
+        _private(nn.Sequential(nn.Linear(3, 2)), noise_multiplier=0.0)
+    assert "not private" in caplog.text

@@ -6,6 +6,8 @@ pieces fit together."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Container
 
 from torch import nn
@@ -16,6 +18,8 @@ from .clipping.config import ClippingConfig
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
 from .sampling import check_batching
+
+logger = logging.getLogger(__name__)
 
 
 def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
@@ -34,6 +38,12 @@ def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> d
             raise ValueError(
                 f"BatchNorm at '{name}' mixes examples of a batch, which breaks per-example privacy; "
                 "replace it with dpspeed.fix_model(model) (GroupNorm) first"
+            )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise ValueError(
+                f"{type(m).__name__} at '{name}' keeps running statistics of the private data in its buffers, "
+                "which the state_dict would publish without noise; set track_running_stats=False, or "
+                "dpspeed.fix_model(model) does it"
             )
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if not params:
@@ -73,6 +83,8 @@ def check_loader(data_loader: DataLoader, max_physical_batch_size: int | None = 
     if not isinstance(data_loader, DataLoader):
         raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
     check_batching(data_loader.dataset, max_physical_batch_size, fixed_physical_batch)
+    if len(data_loader.dataset) == 0:
+        raise ValueError("the data loader's data set is empty")
     if data_loader.batch_size is None:
         raise ValueError("the data loader needs a batch_size: it is the expected logical batch size")
 
@@ -86,8 +98,10 @@ def check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
 
 
 def check_noise(noise_multiplier: float) -> None:
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if noise_multiplier == 0:
+        logger.warning("noise_multiplier=0: no noise is added, so the training is not private (epsilon is infinite)")
 
 
 def check_clipping(clipping: ClippingConfig, criterion: nn.Module | None) -> None:

@@ -62,12 +62,39 @@ class Accountant:
         self.history = [list(run) for run in state["history"]]
 
 
+#: above this, e^epsilon bounds nothing an attacker cares about, and calibration does not converge
+MAX_TARGET_EPSILON = 100.0
+
+
+def epsilon_at(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    accountant = _fresh(kind)
+    accountant.compose(dp_event(noise_multiplier, sample_rate, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def _pld_bracket(upper: float, target_epsilon: float, delta: float, sample_rate: float, steps: int):
+    """An interval around PLD's answer below RDP's (`upper`, never below it): halved until PLD's
+    epsilon at its lower end exceeds the target."""
+    lower = 0.5 * upper
+    for _ in range(30):
+        if epsilon_at("pld", lower, sample_rate, steps, delta) > target_epsilon:
+            return dp_accounting.ExplicitBracketInterval(lower, upper * 1.0001)
+        upper, lower = lower, 0.5 * lower
+    raise ValueError(f"no noise multiplier above {lower:.3g} gives epsilon={target_epsilon}; check the target")
+
+
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "pld") -> float:
     """The smallest noise multiplier that gives at most `target_epsilon` after `steps` steps."""
-    if target_epsilon <= 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < target_epsilon <= MAX_TARGET_EPSILON:
+        raise ValueError(
+            f"target_epsilon must be in (0, {MAX_TARGET_EPSILON:g}], got {target_epsilon}: above that the guarantee "
+            "means nothing; pass noise_multiplier= to make_private to train with little noise"
+        )
     if not 0 < delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {delta}")
+    if steps < 1:
+        raise ValueError(f"the training must take at least one step, got {steps}")
+
     def calibrate(accountant: str, bracket) -> float:
         return float(
             dp_accounting.calibrate_dp_mechanism(
@@ -85,7 +112,7 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
         upper = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
         if kind == "rdp":
             return upper
-        return calibrate("pld", dp_accounting.ExplicitBracketInterval(0.5 * upper, upper * 1.0001))
+        return calibrate("pld", _pld_bracket(upper, target_epsilon, delta, sample_rate, steps))
 
 
 @contextlib.contextmanager

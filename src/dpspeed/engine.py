@@ -35,10 +35,19 @@ SEEDED_WARNING = (
     "(and checkpoints carry the generators' states, to resume the same streams); leave seed out for "
     "noise nobody can predict"
 )
+LARGE_DELTA_WARNING = (
+    "delta={delta:g} is at least 1/N = 1/{n}: a mechanism that publishes one example in the clear "
+    "satisfies it; choose delta well below 1/N"
+)
 NOT_POISSON_WARNING = (
     "poisson_sampling=False: the reported epsilon assumes Poisson sampling, which these batches "
     "are not; it is not a guarantee for this run"
 )
+
+
+def _warn_if_delta_is_large(delta: float, dataset_size: int) -> None:
+    if delta * dataset_size >= 1:
+        warnings.warn(LARGE_DELTA_WARNING.format(delta=delta, n=dataset_size), stacklevel=3)
 
 
 def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | None, poisson_sampling: bool,
@@ -162,6 +171,7 @@ class PrivacyEngine:
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs= or steps=")
         _checks.check_loader(data_loader)
+        _warn_if_delta_is_large(target_delta, len(data_loader.dataset))
         sample_rate = data_loader.batch_size / len(data_loader.dataset)
         total_steps = steps if steps is not None else epochs * len(data_loader)
         sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps, self.accountant.kind)
@@ -176,6 +186,8 @@ class PrivacyEngine:
         """epsilon spent so far at this delta, from dp-accounting, for the steps actually taken."""
         if not self.poisson_sampling:
             warnings.warn(NOT_POISSON_WARNING, stacklevel=2)
+        if self.data_loader is not None:
+            _warn_if_delta_is_large(delta, len(self.data_loader.dataset))
         return self.accountant.get_epsilon(delta)
 
     @property

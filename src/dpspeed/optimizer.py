@@ -35,10 +35,25 @@ logger = logging.getLogger(__name__)
 class _GrantedGradients:
     """Invariant: only private gradients reach the optimizer. Remembers the gradients this
     optimizer set, so that any other parameter .grad (autograd's, from a forward pass that ran
-    without dpspeed's hooks) is refused loudly."""
+    without dpspeed's hooks, or of a parameter made trainable after make_private) is refused loudly."""
 
     def __init__(self) -> None:
         self._granted: dict[str, tuple[torch.Tensor, int]] = {}
+
+    @staticmethod
+    def refuse_late_parameters(param_groups: list[dict], private: dict[str, torch.nn.Parameter]) -> None:
+        """A parameter of the optimizer that make_private did not privatise (frozen then, unfrozen
+        or added to a parameter group since) would be stepped with its raw gradient."""
+        known = {id(p) for p in private.values()}
+        for group in param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in known:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} has a gradient but was not trainable in the model "
+                        "when make_private was called (unfrozen, or added to the optimizer, since): it would be "
+                        "updated with its raw gradient, neither clipped nor noised. Make it trainable before "
+                        "make_private (engine.detach(), then make_private again)"
+                    )
 
     def grant(self, params: dict[str, torch.nn.Parameter]) -> None:
         self._granted = {n: (p.grad, p.grad._version) for n, p in params.items() if p.grad is not None}
@@ -134,6 +149,7 @@ class DPOptimizer(Optimizer):
 
     def accumulate(self) -> None:
         """Clip the examples of every recording and add them to the running sums."""
+        self._granted.refuse_late_parameters(self.param_groups, self.controller.params)
         if self.clipping.two_pass:
             if self.controller.take_recordings():
                 raise RuntimeError(

@@ -88,13 +88,13 @@ def make_grouping(style: ClippingStyle, names: list[str], max_grad_norm: float |
     split evenly, R / sqrt(M) per group, so the whole clipped gradient has norm at most R."""
     groups = make_groups(style, names)
     if isinstance(max_grad_norm, (int, float)):
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
         thresholds = [float(max_grad_norm) / math.sqrt(len(groups))] * len(groups)
     else:
         thresholds = [float(r) for r in max_grad_norm]
         if len(thresholds) != len(groups):
             raise ValueError(f"max_grad_norm has {len(thresholds)} thresholds but clipping_style gives {len(groups)} groups")
-        if not all(r > 0 for r in thresholds):
-            raise ValueError(f"every threshold in max_grad_norm must be > 0, got {thresholds}")
+        if not all(r > 0 and math.isfinite(r) for r in thresholds):
+            raise ValueError(f"every threshold in max_grad_norm must be a finite number > 0, got {thresholds}")
     return Grouping(groups, thresholds)
