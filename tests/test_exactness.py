@@ -136,3 +136,22 @@ def test_exact_under_torch_compile_with_fixed_shape_batches(references, mode):
                                 clipping_mode=mode, loss_reduction="sum", physical=4, fixed_physical_batch=True)
     engine.detach()
     assert_close(got, reference_sum(grads, [list(grads[0])], [R], "abadi"), 1e-5)
+
+
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+@pytest.mark.parametrize("mode", [*MODES, "auto"])
+def test_two_views_of_each_example_are_clipped_together(references, mode, style):
+    """Two forward passes per physical batch (two augmentations of the same examples), one backward:
+    each example's gradient is that of both its views' losses, clipped once (not R per view)."""
+    case, _ = references["cnn"]
+    x, y = case.tensors
+    n = len(x)
+    two_views = lambda m, b: case.loss(m, b, "sum") + case.loss(m, (b[0].flip(-1), b[1]), "sum")  # noqa: E731
+    grads = per_example_grads(case.model, two_views, [(x[i : i + 1], y[i : i + 1]) for i in range(n)])
+    names = list(grads[0])
+    groups = reference_groups(style, names)
+    want = reference_sum(grads, groups, [R / math.sqrt(len(groups))] * len(groups), "abadi")
+    got, engine = private_grads(case.model, two_views, case.tensors, max_grad_norm=R, physical=4, clipping_mode=mode,
+                                clipping_style=style, loss_reduction="sum")
+    engine.detach()
+    assert_close(got, want, 1e-5)

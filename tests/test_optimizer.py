@@ -78,3 +78,82 @@ def test_parameter_groups_cannot_be_added_after_make_private():
     _, optimizer = _private()
     with pytest.raises(RuntimeError, match="before make_private"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+
+
+def _loop(batch_size: int = 2, physical: int | None = None, n: int = 8):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    data = DataLoader(TensorDataset(torch.randn(n, 3)), batch_size=batch_size)
+    engine = PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=data, noise_multiplier=0.0,
+        max_grad_norm=1e6, loss_reduction="sum", clipping_mode="bk", poisson_sampling=False,
+        max_physical_batch_size=physical)
+    return engine, model, optimizer, loader, data
+
+
+def test_a_step_on_a_batch_the_private_loader_did_not_yield_is_refused():
+    """Training on the loader passed to make_private: no Poisson sampling, yet epsilon would claim it."""
+    engine, model, optimizer, loader, original = _loop()
+    for (x,) in original:
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="did not yield"):
+            optimizer.step()
+        break
+
+
+def test_physical_batches_of_separate_logical_batches_cannot_be_merged():
+    """Stepping every other batch would take 2 batches per accounted step."""
+    engine, model, optimizer, loader, _ = _loop()
+    batches = iter(loader)
+    (x,) = next(batches)
+    model(x).sum().backward()  # no step
+    with pytest.raises(RuntimeError, match="previous physical batch was not stepped"):
+        next(batches)
+
+
+def test_a_loop_broken_off_drops_its_unfinished_logical_batch(caplog):
+    """Physical batches of 2 in logical batches of 4: a pass broken off after one physical batch
+    leaves half a logical batch, which must not reach the next step."""
+    engine, model, optimizer, loader, _ = _loop(batch_size=4, physical=2)
+    for (x,) in loader:
+        model(x).sum().backward()
+        optimizer.step()
+        break
+    assert optimizer.summed  # half a logical batch
+    with caplog.at_level("WARNING", logger="dpspeed"):
+        batches = []
+        for (x,) in loader:
+            model(x).sum().backward()
+            optimizer.step()
+            batches.append(x)
+            if optimizer.is_last_physical_batch:
+                break
+    assert "left unfinished" in caplog.text
+    assert torch.allclose(model.weight.grad, torch.cat(batches).sum(0, keepdim=True))  # these examples only
+    assert engine.accountant.steps == 1
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    engine, model, optimizer, loader, _ = _loop()
+    (x,) = next(iter(loader))
+    loss = model(x).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward pass"):
+        loss.backward()
+
+
+def test_a_forward_after_a_backward_in_one_physical_batch_is_refused():
+    engine, model, optimizer, loader, _ = _loop()
+    (x,) = next(iter(loader))
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="forward pass after a backward pass"):
+        model(x)
+
+
+def test_passes_of_one_physical_batch_must_have_the_same_rows():
+    engine, model, optimizer, loader, _ = _loop(batch_size=4)
+    (x,) = next(iter(loader))
+    model(x)
+    with pytest.raises(RuntimeError, match="with 4 and 2 rows"):
+        model(x[:2])

@@ -99,8 +99,9 @@ class DPOptimizer(Optimizer):
         self.state = optimizer.state
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self.is_last_physical_batch = True  # True when no data loader tells otherwise
+        self.is_last_physical_batch = True
         self.row_mask: torch.Tensor | None = None  # fixed-shape batches: False on padding rows
+        self._announced = False  # the data loader announced a physical batch not stepped yet
         self.summed: dict[str, torch.Tensor] = {}
         self.logical_steps = 0
         self.nonfinite_examples = 0
@@ -115,11 +116,22 @@ class DPOptimizer(Optimizer):
         self._on_logical_step.append(callback)
 
     # ----------------------------------------------------------------------------- physical batches
-    def begin_physical_batch(self, last: bool, row_mask: torch.Tensor | None = None) -> None:
-        """The next physical batch: whether it ends its logical batch, and which of its rows are
-        real examples (None: all)."""
-        self.is_last_physical_batch = last
-        self.row_mask = row_mask
+    def begin_physical_batch(self, last: bool, row_mask: torch.Tensor | None = None, starting: bool = False) -> None:
+        """The next physical batch: whether it ends its logical batch, which of its rows are real
+        examples (None: all), and whether it starts a new pass over the data loader. Within a pass,
+        every physical batch must be stepped; a logical batch left unfinished by a pass broken off
+        is dropped when the next pass starts, never carried into it."""
+        if starting and (self._announced or self.summed or self.controller.recordings):
+            logger.warning("a logical batch was left unfinished (the loop over the data loader was broken off): "
+                           "its examples are dropped; no step was taken or accounted for them")
+            self.discard_logical_batch()
+        if self._announced:
+            raise RuntimeError(
+                "the previous physical batch was not stepped: call optimizer.step() after every batch the data "
+                "loader returned by make_private yields; it groups them into logical batches itself"
+            )
+        self.controller.new_physical_batch()
+        self.is_last_physical_batch, self.row_mask, self._announced = last, row_mask, True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the parameters' gradients and unconsumed recordings; clipped sums of earlier
@@ -128,8 +140,12 @@ class DPOptimizer(Optimizer):
         self.controller.clear()
 
     def discard_logical_batch(self) -> None:
-        """Forget the clipped sums of the current logical batch (after a failed step)."""
+        """Forget the clipped sums and recordings of the current logical batch (after a failed step)."""
         self.summed = {}
+        self._announced = False
+        self.controller.clear()
+        if self._all_reduce is not None:
+            self._all_reduce.reset()
 
     def note_nonfinite(self, count: int) -> None:
         if count:
@@ -239,6 +255,12 @@ class DPOptimizer(Optimizer):
             p.grad = fsdp.as_sharded_grad(total, p) if name in self.topology.shards else total.to(p.dtype)
 
     def step(self, closure: Callable[[], float] | None = None):
+        if not self._announced:
+            raise RuntimeError(
+                "optimizer.step() on a batch that the data loader returned by make_private did not yield (does "
+                "the loop run over the original loader?): the privacy accounting assumes dpspeed's Poisson batches"
+            )
+        self._announced = False
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -159,24 +159,27 @@ class DPDataLoader:
             pin_memory=pin_memory,
             **loader_kwargs,
         )
-        self._on_physical_batch: list[Callable[[bool, torch.Tensor | None], None]] = []
+        self._on_physical_batch: list[Callable[[bool, torch.Tensor | None, bool], None]] = []
 
-    def on_physical_batch(self, callback: Callable[[bool, torch.Tensor | None], None]) -> None:
-        """Call `callback(last, row_mask)` before each physical batch is yielded: whether it ends its
-        logical batch, and for fixed-shape batches which rows are real (None otherwise)."""
+    def on_physical_batch(self, callback: Callable[[bool, torch.Tensor | None, bool], None]) -> None:
+        """Call `callback(last, row_mask, starting)` before each physical batch is yielded: whether it
+        ends its logical batch, for fixed-shape batches which rows are real (None otherwise), and
+        whether it is the first of a new pass over the loader."""
         self._on_physical_batch.append(callback)
 
     def __len__(self) -> int:
         return len(self.logical_batches)
 
     def __iter__(self) -> Iterator:
+        starting = True
         for batch in self.loader:
             end = self.batches.ends.popleft()
             mask = None
             if self.fixed_size is not None:
                 batch, mask = _pad(batch, self.filler, self.fixed_size)
             for callback in self._on_physical_batch:
-                callback(end, mask)
+                callback(end, mask, starting)
+            starting = False
             yield batch
 
     @property

@@ -70,7 +70,10 @@ class Controller:
         self.param_grads = param_grads  # True: leave autograd's parameter gradients on (two-pass ghost)
         self._slots = [(p, *owner_of(model, n)) for n, p in params.items()]
         self.bindings: list[Binding] = []
-        self.recordings: list[Recording] = []  # one per forward pass, until clipped
+        self.recordings: list[Recording] = []  # one per physical batch, until clipped
+        self._batch_recording: Recording | None = None  # the current physical batch's
+        self._batch_rows: int | None = None
+        self._gradients_arrived = False  # in the current physical batch
         self.first_use_order: list[str] = list(params)
         self.traced = False
         self._paused = False
@@ -171,13 +174,36 @@ class Controller:
         if just_traced:
             self._trace(args, kwargs)
         if torch.is_grad_enabled():
-            self._pass_batch = _batch_of(args, kwargs)
-            self._shared = {}  # inputs of this pass stay alive in its calls: their ids are unique
-            self.recordings.append({})
+            self._begin_pass(_batch_of(args, kwargs))
             if not self.param_grads:
                 self._set_requires_grad(False)
         if just_traced and self._root_taps is not None:
             self._root_taps.enter(module, args, kwargs)  # hooks added during this call do not run in it
+
+    def _begin_pass(self, rows: int | None) -> None:
+        """A recorded forward pass: the first of its physical batch starts the batch's recording;
+        another one (a second view of the same examples) is recorded into it, row by row, so that
+        each example is clipped once over all the passes."""
+        self._pass_batch = rows
+        self._shared = {}  # inputs of this pass stay alive in its calls: their ids are unique
+        if self._batch_recording is None:
+            self._batch_recording, self._batch_rows = {}, rows
+            self.recordings.append(self._batch_recording)
+            return
+        if self._gradients_arrived:
+            raise RuntimeError(
+                "a forward pass after a backward pass in the same physical batch: each example would be clipped "
+                "once per pass. Add the losses of all passes and call backward() once, then optimizer.step()"
+            )
+        if rows != self._batch_rows:
+            raise RuntimeError(
+                f"two forward passes of one physical batch with {self._batch_rows} and {rows} rows: dpspeed takes "
+                "row i of every pass to be the same example; pass the same examples (e.g. two views) in each"
+            )
+
+    def new_physical_batch(self) -> None:
+        """The next forward pass starts a new physical batch's recording."""
+        self._batch_recording, self._batch_rows, self._gradients_arrived = None, None, False
 
     @torch.compiler.disable
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -218,10 +244,16 @@ class Controller:
             indices.append(i)
             shapes.append((leaf.shape, leaf.dtype, leaf.device))
         call.output_spec = TapSpec(indices, shapes)
-        self.recordings[-1].setdefault(binding, []).append(call)
+        self._batch_recording.setdefault(binding, []).append(call)
         return leaves
 
     def _arrived(self, binding: Binding, call: Call, slot: int, grad: torch.Tensor) -> None:
+        if not self.param_grads and (call.released or call.output_grads[slot] is not None):
+            raise RuntimeError(
+                "a second backward pass through the same forward pass: its gradients would reach no clipped sum. "
+                "Add the losses and call backward() once per forward pass"
+            )
+        self._gradients_arrived = True
         call.output_grads[slot] = grad
         for callback in self._on_grad:
             callback(binding, call)
@@ -271,11 +303,14 @@ class Controller:
         done = [r for r in self.recordings if any(c.has_grads for calls in r.values() for c in calls)]
         self._tapped = []
         self.recordings = []
+        self.new_physical_batch()
         return done
 
     def take_recordings_now(self) -> list[Recording]:
-        """Every recording, before any gradient has arrived (the two-pass modes); forgets them."""
+        """Every recording, before any gradient has arrived (the two-pass modes); forgets them. No
+        further forward pass joins this physical batch."""
         recordings, self.recordings = self.recordings, []
+        self._gradients_arrived = True
         return recordings
 
     def take_tapped(self) -> list[torch.Tensor]:
@@ -285,3 +320,4 @@ class Controller:
     def clear(self) -> None:
         self.recordings = []
         self._tapped = []
+        self.new_physical_batch()

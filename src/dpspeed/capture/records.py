@@ -34,6 +34,7 @@ class Call:
     output_spec: TapSpec | None = None  # which output leaves were tapped (used by the replaying rules)
     rows_per_example: int = 1  # > 1 when the module saw the batch flattened to (B * k, ...)
     shared: dict = field(default_factory=dict)  # one dict for all calls on the same input tensor
+    released: bool = False  # clipped, its tensors let go
 
     @property
     def has_grads(self) -> bool:
@@ -49,6 +50,7 @@ class Call:
         autograd graph holds this call (through its gradient hooks) until the step ends."""
         self.args, self.kwargs, self.shared = (), {}, {}
         self.output_grads = [None] * len(self.output_grads)
+        self.released = True
 
     def input(self) -> torch.Tensor:
         return self.args[0]
@@ -91,5 +93,6 @@ class Binding:
     own_code_only: bool = False
 
 
-#: One recorded forward pass: the calls of every bound module, in the order they were made.
+#: One physical batch's record: the calls of every bound module, in the order they were made, over
+#: every forward pass of the batch (each pass's row i is the same example: clipped together).
 Recording = dict[Binding, list[Call]]

@@ -93,9 +93,10 @@ class BucketedAllReduce:
                 size = 0
             self.buckets[-1].append(name)
             size += nbytes
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the buckets of the current logical batch."""
         self._final: set[str] = set()
         self._next = 0
         self._started: list[tuple[list[str], list[torch.Tensor], torch.Tensor, object]] = []  # ..., Work
@@ -139,5 +140,5 @@ class BucketedAllReduce:
             for name, part in zip(names, parts):
                 out[name] = flat[offset : offset + part.numel()].view_as(part)
                 offset += part.numel()
-        self._reset()
+        self.reset()
         return out
