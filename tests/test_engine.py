@@ -263,7 +263,8 @@ def test_private_gradient_left_in_place_is_not_mistaken_for_autograd():
 
 def test_a_layer_on_a_tensor_without_the_batch_dimension_is_refused_naming_it():
     """A Linear applied to a sum over the batch (whose length happens to equal the batch size) has
-    no per-example gradient: refused, for a built-in rule as for any other, rather than left at 0."""
+    no per-example gradient: refused, for a built-in rule as for any other, rather than left at 0.
+    (Returned beside the per-example output, it passes the independence check.)"""
 
     class Pooled(nn.Module):
         def __init__(self):
@@ -271,13 +272,80 @@ def test_a_layer_on_a_tensor_without_the_batch_dimension_is_refused_naming_it():
             self.inner, self.pooled = nn.Linear(4, 4), nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.inner(x).sum(1, keepdim=True) + self.pooled(self.inner(x).sum(0)).sum()
+            h = self.inner(x)
+            return h, self.pooled(h.sum(0)).sum()
 
     engine, (m, opt, loader) = _private(Pooled(), data_loader=DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4),
                                         clipping_mode="bk", poisson_sampling=False)
     (xb,) = next(iter(loader))
     with pytest.raises(RuntimeError, match=r"Linear at 'pooled' returns a tensor without the batch dimension"):
-        m(xb).sum().backward()
+        out, aux = m(xb)
+        (out.sum() + aux).backward()
+    engine.detach()
+
+
+class _Centered(nn.Module):
+    """Batch centering: every example's output moves with the batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h - h.mean(0)
+
+
+class _RowMixing(nn.Module):
+    """A parameter that mixes the rows of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.mix = nn.Parameter(torch.eye(16) + 0.1)
+
+    def forward(self, x):
+        return self.mix[: len(x), : len(x)] @ self.fc(x)
+
+
+class _SequenceFirst(nn.Module):
+    """batch_first=False: dim 0 is the sequence; with as many positions as examples, dpspeed would
+    take positions for examples, and attention runs across them."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0)
+
+    def forward(self, x):  # x: (batch, sequence, features), passed on sequence-first
+        return self.layer(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("model", [_Centered, _RowMixing, _SequenceFirst])
+def test_a_model_that_mixes_examples_is_refused_before_any_gradient(model):
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 4, 4) if model is _SequenceFirst else torch.randn(8, 4)), batch_size=4)
+    engine, (m, opt, loader) = _private(model(), data_loader=data, poisson_sampling=False)
+    (xb,) = next(iter(loader))
+    with pytest.raises(ValueError, match="mixes the examples of a batch"):
+        m(xb)
+    engine.detach()
+
+
+def test_the_independence_check_leaves_randomness_and_training_as_they_were():
+    """Dropout draws the same masks in both runs of the check, and the global random state is
+    left as it was: the first step trains exactly as without the check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    engine, (m, opt, loader) = _private(model, data_loader=data, poisson_sampling=False, clipping_mode="per-example")
+    (xb,) = next(iter(loader))
+    state = torch.get_rng_state()
+    m(xb)
+    after_checked_forward = torch.get_rng_state()
+    torch.set_rng_state(state)
+    with torch.no_grad():
+        m(xb)  # a forward without gradients is neither checked nor recorded
+    assert torch.equal(torch.get_rng_state(), after_checked_forward)
     engine.detach()
 
 

@@ -23,6 +23,7 @@ from ..layers.param_ops import ParameterOpRule
 from ..layers.rule import LayerRule
 from ..parallel.fsdp import is_sharded
 from .bindings import bind_parameters, owner_of
+from .independence import check_examples_independent
 from .op_taps import OpTaps
 from .records import Binding, Call, OpUse, Recording, TapSpec
 from .trace import trace_uses
@@ -74,6 +75,8 @@ class Controller:
         self._batch_recording: Recording | None = None  # the current physical batch's
         self._batch_rows: int | None = None
         self._gradients_arrived = False  # in the current physical batch
+        self._independence_checked = False
+        self._sharded = any(is_sharded(p) for p in params.values())
         self.first_use_order: list[str] = list(params)
         self.traced = False
         self._paused = False
@@ -173,8 +176,14 @@ class Controller:
         just_traced = not self.traced
         if just_traced:
             self._trace(args, kwargs)
+        rows = _batch_of(args, kwargs)
+        # a sharded model's ranks check at their first forward together (the check gathers weights)
+        if not self._independence_checked and (self._sharded or (rows or 0) >= 2):
+            self._independence_checked = True
+            with self.paused():
+                check_examples_independent(self.model, args, kwargs, rows or 0)
         if torch.is_grad_enabled():
-            self._begin_pass(_batch_of(args, kwargs))
+            self._begin_pass(rows)
             if not self.param_grads:
                 self._set_requires_grad(False)
         if just_traced and self._root_taps is not None:

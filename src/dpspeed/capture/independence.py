@@ -1,0 +1,72 @@
+"""Examples must not interact: the check, made once before any gradient is taken, that changing one
+example's inputs leaves every other example's outputs unchanged.
+
+Per-example clipping bounds what an example contributes through its own gradient. A model whose
+output for one example depends on another (a batch-centering layer, `x - x.mean(0)`; a layer
+mixing rows through a parameter; a sequence-first tensor whose length equals the batch size, so
+that attention runs across examples) lets an example move the others' gradients too, which no
+clipping bounds. The check runs the model twice without gradients, with the same random state:
+on the batch, and with example 0's inputs changed (floating-point inputs shifted, integer inputs
+such as token ids replaced by another example's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+#: relative change of another example's output that counts as an interaction
+TOLERANCE = 1e-3
+
+
+def _changed_first_example(args: tuple, kwargs: dict, rows: int) -> tuple[tuple, dict]:
+    def change(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != rows or t.dtype == torch.bool:
+            return t
+        t = t.clone()
+        if t.is_floating_point() or t.is_complex():
+            t[0] += 4 * (t.float().std() + 1).to(t.dtype) * torch.ones_like(t[0]).uniform_(0.5, 1.5)
+        else:
+            differs = next((i for i in range(1, rows) if not torch.equal(t[i], t[0])), None)
+            if differs is not None:
+                t[0] = t[differs]
+        return t
+
+    return tree_map(change, (args, kwargs))
+
+
+def _batched_outputs(output, rows: int) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(output)[0]
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == rows]
+
+
+def check_examples_independent(model: nn.Module, args: tuple, kwargs: dict, rows: int) -> None:
+    """Raise ValueError naming the output that changed when another example's inputs did. Call it
+    with recording paused; the global random state is left as it was. With fewer than two rows
+    there is nothing to compare, but the model still runs twice, so that the ranks of a sharded
+    model make the same collectives."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        changed_args, changed_kwargs = _changed_first_example(args, kwargs, rows) if rows >= 2 else (args, kwargs)
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        before = _batched_outputs(model(*args, **kwargs), rows)
+        torch.set_rng_state(cpu_state)
+        for d, state in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(state, d)
+        after = _batched_outputs(model(*changed_args, **changed_kwargs), rows)
+    if rows < 2:
+        return
+    for k, (a, b) in enumerate(zip(before, after)):
+        others_a, others_b = a[1:].double(), b[1:].double()
+        same = (others_a == others_b) | (others_a.isnan() & others_b.isnan())
+        change = float(torch.where(same, 0.0, (others_a - others_b).abs().nan_to_num(nan=float("inf"))).max())
+        scale = float(others_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+        if change > TOLERANCE * (scale + 1e-12):
+            raise ValueError(
+                f"the model mixes the examples of a batch: changing example 0's inputs changed the output {k} of "
+                f"other examples (by up to {change:.3g}). Each example's gradient would depend on the others, "
+                "and no clipping bounds what one example then contributes. Look for layers that mix the batch "
+                "(BatchNorm, x - x.mean(0)) and for tensors laid out sequence-first (batch_first=False)"
+            )
