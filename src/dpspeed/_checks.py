@@ -60,7 +60,7 @@ def check_arguments(*, module: nn.Module, optimizer: Optimizer, data_loader: Dat
     check_criterion(criterion, clipping.loss_reduction)
     check_noise(noise_multiplier)
     check_clipping(clipping, criterion)
-    check_topology(topology, clipping, poisson_sampling)
+    check_topology(topology, clipping, poisson_sampling, data_loader)
 
 
 def check_optimizer(optimizer: Optimizer, module: nn.Module) -> None:
@@ -118,7 +118,7 @@ def check_clipping(clipping: ClippingConfig, criterion: nn.Module | None) -> Non
         )
 
 
-def check_topology(topology: Topology, clipping: ClippingConfig, poisson_sampling: bool) -> None:
+def check_topology(topology: Topology, clipping: ClippingConfig, poisson_sampling: bool, data_loader: DataLoader) -> None:
     """What training over several processes, or a sharded model, supports."""
     if topology.shards and clipping.two_pass:
         raise ValueError(
@@ -127,3 +127,4 @@ def check_topology(topology: Topology, clipping: ClippingConfig, poisson_samplin
         )
     if topology.distributed and not poisson_sampling:
         raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
+    topology.check_same_data(len(data_loader.dataset), data_loader.batch_size)

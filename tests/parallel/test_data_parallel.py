@@ -35,6 +35,8 @@ def _scenario(rank: int, scenario: str) -> dict:
     """Three logical batches on this rank; what it drew, the gradients it stepped with, and its
     collectives."""
     x, y = _data()
+    if scenario == "unequal" and rank == 1:  # data split beforehand, each rank its half
+        x, y = x[12:], y[12:]
     model = _model()
     if scenario == "buckets":  # one bucket per parameter
         from dpspeed.parallel import data_parallel
@@ -170,6 +172,12 @@ def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path):
         pass  # the spawner may report the rank that left
     record = json.loads((tmp_path / "rank0.json").read_text())
     assert "all-reduce of the clipped gradients failed" in record["error"]
+
+
+def test_ranks_with_different_data_sets_are_refused(tmp_path):
+    """They would sample different populations at different rates; epsilon would describe neither."""
+    ranks = _run(tmp_path, "unequal", check=False)
+    assert all("rank 0: 24 examples, batch_size 6, rank 1: 12 examples" in r["error"] for r in ranks), ranks
 
 
 def _make_private(model: nn.Module) -> None:

@@ -55,6 +55,14 @@ def most(value: int, group: dist.ProcessGroup | None, device: torch.device) -> i
     return int(t.item())
 
 
+def gathered(values: list[int], group: dist.ProcessGroup | None, device: torch.device) -> list[list[int]]:
+    """Every rank's `values`, in rank order."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [t.tolist() for t in every]
+
+
 def shared_seed(seed: int | None, group: dist.ProcessGroup | None, device: torch.device) -> int:
     """A seed equal on every rank (rank 0's draw when none is given); `device`: where the group's
     backend communicates (NCCL takes CUDA tensors only)."""

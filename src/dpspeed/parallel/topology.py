@@ -55,6 +55,22 @@ class Topology:
             return data_parallel.shared_seed(seed, self.group, self.device)
         return seed if seed is not None else draw_seed()
 
+    def check_same_data(self, dataset_size: int, batch_size: int) -> None:
+        """Every rank samples the same data set at the same rate: each takes its share of the
+        indices, so ranks holding different data sets (or batch sizes) would draw with different
+        rates from different populations, and epsilon would describe neither."""
+        if not self.distributed:
+            return
+        ranks = data_parallel.gathered([dataset_size, batch_size], self.group, self.device)
+        if any(r != ranks[0] for r in ranks):
+            seen = ", ".join(f"rank {i}: {n} examples, batch_size {b}" for i, (n, b) in enumerate(ranks))
+            raise ValueError(
+                f"the ranks' data loaders differ ({seen}): every rank must load the whole data set with the same "
+                "batch_size (the expected logical batch size over all ranks); dpspeed gives each rank its share "
+                "of the examples itself. Data split across ranks beforehand: give every rank a data set over all "
+                "of it (each rank reads only the examples of its share)"
+            )
+
     def broadcast_state(self, module: nn.Module) -> None:
         """Every rank starts from rank 0's parameters and buffers."""
         if self.distributed:
