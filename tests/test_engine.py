@@ -391,3 +391,9 @@ def test_no_noise_is_said_to_be_no_privacy(caplog):
     with caplog.at_level("WARNING", logger="dpspeed"):
         _private(nn.Sequential(nn.Linear(3, 2)), noise_multiplier=0.0)
     assert "not private" in caplog.text
+
+
+def test_a_class_weighted_mean_is_refused():
+    """Its denominator is the batch's total target weight: no example's gradient is its own."""
+    with pytest.raises(ValueError, match=r"divides by the total weight.*reduction='sum'"):
+        _private(nn.Sequential(nn.Linear(3, 2)), criterion=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])))

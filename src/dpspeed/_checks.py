@@ -90,6 +90,13 @@ def check_loader(data_loader: DataLoader, max_physical_batch_size: int | None = 
 
 
 def check_criterion(criterion: nn.Module | None, loss_reduction: str) -> None:
+    """The loss must be the mean (or sum) over the batch of each example's own loss."""
+    if getattr(criterion, "weight", None) is not None and getattr(criterion, "reduction", None) == "mean":
+        raise ValueError(
+            f"{type(criterion).__name__}(weight=..., reduction='mean') divides by the total weight of the batch's "
+            "targets, which depends on the other examples, so no example's gradient is its own: use "
+            "reduction='sum' and loss_reduction='sum' (and scale the learning rate)"
+        )
     reduction = getattr(criterion, "reduction", None)
     if reduction is not None and reduction != loss_reduction:
         raise ValueError(

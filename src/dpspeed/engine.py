@@ -39,9 +39,15 @@ LARGE_DELTA_WARNING = (
     "delta={delta:g} is at least 1/N = 1/{n}: a mechanism that publishes one example in the clear "
     "satisfies it; choose delta well below 1/N"
 )
-NOT_POISSON_WARNING = (
-    "poisson_sampling=False: the reported epsilon assumes Poisson sampling, which these batches "
-    "are not; it is not a guarantee for this run"
+NOT_POISSON = (
+    "poisson_sampling=False: the batches came from your own sampler, not by Poisson sampling, and "
+    "dpspeed accounts only for Poisson-sampled batches: there is no epsilon for this run"
+)
+NOT_RESTORED = (
+    "the optimizer had state before make_private (it was trained before), but the engine's privacy "
+    "state was not restored: epsilon would count this run's steps only. Call "
+    "engine.load_state_dict(...) with what engine.state_dict() saved; if the earlier training did not "
+    "use this private data, start from a fresh optimizer"
 )
 
 
@@ -92,6 +98,8 @@ class PrivacyEngine:
         self.sample_rate: float | None = None
         self._module: nn.Module | None = None
         self._reproducible = False  # seed= given: the random streams are part of the state
+        self._resumed = False  # the optimizer had been stepped before make_private
+        self._restored = False  # load_state_dict was called
 
     # ------------------------------------------------------------------------------------ setup
     def make_private(
@@ -146,7 +154,7 @@ class PrivacyEngine:
         _ATTACHED.add(module)
 
         self.controller, self.optimizer, self.data_loader, self.clipping = controller, dp_optimizer, loader, clipping
-        self.poisson_sampling, self._module = poisson_sampling, module
+        self.poisson_sampling, self._module, self._resumed = poisson_sampling, module, bool(optimizer.state)
         self.sample_rate = data_loader.batch_size / len(data_loader.dataset)
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
                     len(params), len(clipping.grouping.groups), noise_multiplier, self.sample_rate, clipping_mode)
@@ -185,7 +193,9 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float) -> float:
         """epsilon spent so far at this delta, from dp-accounting, for the steps actually taken."""
         if not self.poisson_sampling:
-            warnings.warn(NOT_POISSON_WARNING, stacklevel=2)
+            raise ValueError(NOT_POISSON)
+        if self._resumed and not self._restored:
+            raise ValueError(NOT_RESTORED)
         if self.data_loader is not None:
             _warn_if_delta_is_large(delta, len(self.data_loader.dataset))
         return self.accountant.get_epsilon(delta)
@@ -227,6 +237,7 @@ class PrivacyEngine:
         its random streams. Otherwise this engine's own streams, seeded from fresh entropy, go on:
         a resumed run never repeats the noise it added before."""
         self.accountant.load_state_dict(state["accountant"])
+        self._restored = True
         if self.optimizer is not None:
             self.optimizer.logical_steps = state["logical_steps"]
         if "random" in state and self.optimizer is not None:
