@@ -90,3 +90,25 @@ def test_a_resumed_optimizer_without_the_privacy_state_gets_no_epsilon():
         resumed.get_epsilon(1e-5)
     resumed.load_state_dict(saved)
     assert resumed.get_epsilon(1e-5) == first.get_epsilon(1e-5)
+
+
+def test_a_delta_of_at_least_one_over_n_is_warned_about():
+    engine, model, opt, loader = private_linear(n=64)
+    engine.accountant.step(1.0, 0.25)
+    with pytest.warns(UserWarning, match="at least 1/N"):
+        engine.get_epsilon(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0, 1e4, float("inf"), float("nan")])
+def test_calibration_refuses_targets_that_mean_nothing(target):
+    with pytest.raises(ValueError, match="target_epsilon must be in"):
+        noise_for_epsilon(target, 1e-5, 0.01, 100)
+
+
+def test_calibration_reaches_a_tiny_target_where_rdp_is_far_looser_than_pld():
+    sigma = noise_for_epsilon(1e-3, 1e-5, 0.01, 1000)
+    assert epsilon_at("pld", sigma, 0.01, 1000, 1e-5) <= 1e-3 * 1.0001
+    assert epsilon_at("pld", sigma * 0.99, 0.01, 1000, 1e-5) > 1e-3
