@@ -397,3 +397,28 @@ def test_a_class_weighted_mean_is_refused():
     """Its denominator is the batch's total target weight: no example's gradient is its own."""
     with pytest.raises(ValueError, match=r"divides by the total weight.*reduction='sum'"):
         _private(nn.Sequential(nn.Linear(3, 2)), criterion=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])))
+
+
+@pytest.mark.parametrize("mode", ["bk", "per-example", "ghost", "mix-ghost"])
+def test_no_mode_writes_a_non_finite_value_into_a_parameter(mode, caplog):
+    """A NaN input row: the one-pass modes drop the example; the two-pass modes cannot (autograd
+    multiplies its NaN activations by zero), so the step is skipped, unaccounted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    x[2, 1] = float("nan")
+    engine, (m, opt, crit, loader) = _private(model, data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+                                              clipping_mode=mode, criterion=nn.CrossEntropyLoss(), poisson_sampling=False)
+    before = [p.detach().clone() for p in m.parameters()]
+    with caplog.at_level("WARNING", logger="dpspeed"):
+        for xb, yb in loader:
+            crit(m(xb), yb).backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    if mode in ("ghost", "mix-ghost"):
+        assert opt.skipped_steps == 1 and engine.accountant.steps == 0 and "step is skipped" in caplog.text
+        assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    else:
+        assert opt.skipped_steps == 0 and engine.accountant.steps == 1 and engine.nonfinite_examples == 1
+    engine.detach()

@@ -105,6 +105,7 @@ class DPOptimizer(Optimizer):
         self.summed: dict[str, torch.Tensor] = {}
         self.logical_steps = 0
         self.nonfinite_examples = 0
+        self.skipped_steps = 0  # logical batches whose sums were not finite
         self._on_logical_step: list[Callable[[], None]] = []
         self._granted = _GrantedGradients()
         self._all_reduce: data_parallel.BucketedAllReduce | None = None
@@ -268,6 +269,9 @@ class DPOptimizer(Optimizer):
         self.accumulate()
         if self.is_last_physical_batch:
             self.reduce()
+            if not self._sums_are_finite():
+                self._skip_logical_step()
+                return loss
             with section("noise"):
                 self._complete_sums()
                 self.add_noise()
@@ -281,6 +285,31 @@ class DPOptimizer(Optimizer):
             for callback in self._on_logical_step:
                 callback()
         return loss
+
+    def _sums_are_finite(self) -> bool:
+        """One fused check per device and dtype of every sum (and, for a sharded model, of every
+        rank's shards)."""
+        found = torch.zeros(1, dtype=torch.float32, device=self.topology.device)
+        kinds: dict[tuple, list[torch.Tensor]] = {}
+        for s in self.summed.values():
+            kinds.setdefault((s.device, s.dtype), []).append(s)
+        for (device, _), sums in kinds.items():
+            flag = torch.zeros(1, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(sums, flag, torch.ones(1, dtype=torch.float32, device=device))
+            found += flag.to(found.device)
+        if self.topology.shards and self.topology.distributed:
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=self.topology.group)
+        return not bool(found.item())
+
+    def _skip_logical_step(self) -> None:
+        """Nothing of this logical batch is released: no noise, no update, no step accounted."""
+        self.skipped_steps += 1
+        logger.warning(
+            "the clipped sums of this logical batch are not finite (an overflow, or in the ghost and mix-ghost "
+            "modes an example with non-finite values, which they cannot drop: use a one-pass mode for such "
+            "data); the step is skipped: parameters unchanged, nothing accounted (%d skipped so far)",
+            self.skipped_steps)
+        self.discard_logical_batch()
 
     def add_param_group(self, param_group: dict) -> None:
         raise RuntimeError("add parameter groups before make_private: new parameters would not be privatised")
