@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dpspeed.testing import assert_close, per_example_grads, private_grads, reference_sum
 from tests.helpers import DEVICE
@@ -66,3 +67,64 @@ def test_factors_cast_down_never_grow(dtype):
     normal = factors >= torch.finfo(dtype).tiny
     assert ((factors - cast)[normal] <= factors[normal] * torch.finfo(dtype).eps).all()
     assert (cast[~normal] == 0).all()
+
+
+def _cancelling_contribution(scale: float, mode: str, dtype: torch.dtype, r: float = 1.0) -> float:
+    """What one crafted example adds to the clipped sum (the sum with it minus the sum without it):
+    inputs s·u and 1.5·s·u at two positions, output gradients 1.5·v and -v, so that its exact
+    gradient a^T g is 0, beside seven random examples."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    x, w = torch.randn(8, 2, 4), torch.randn(8, 2, 3)
+    x[0, 0], x[0, 1] = scale, 1.5 * scale
+    w[0, 0], w[0, 1] = 1.5, -1.0
+
+    def loss(m, b):
+        if dtype == torch.float32:
+            return (m(b[0]) * b[1]).sum()
+        with torch.autocast("cpu", dtype=dtype):
+            out = m(b[0])
+        return (out.float() * b[1]).sum()
+
+    sums = []
+    for batch in ((x, w), (x[1:], w[1:])):
+        got, engine = private_grads(model, loss, batch, max_grad_norm=r, clipping_mode=mode, loss_reduction="sum")
+        engine.detach()
+        sums.append(got["weight"].double())
+    return float((sums[0] - sums[1]).norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["bk", "bk-mix-ghost", "bk-mix-opt", "auto", "per-example"])
+def test_a_cancelling_example_contributes_at_most_r_at_every_scale(mode, dtype):
+    """Its ghost norm is ~0, so its factor is 1; rounding the factor-scaled operand used to undo the
+    cancellation in the sum (7·R at 2^10 in bf16, 7·10^6·R at 2^30). The raised norm bounds it."""
+    for k in range(0, 31, 5):
+        assert _cancelling_contribution(2.0**k, mode, dtype) <= 1.0 + 1e-6, f"scale 2^{k}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ten_thousand_random_examples_each_add_at_most_r(dtype):
+    """What book-keeping adds for each example, a_i^T round(C_i g_i) (the rounding clipped_matmul
+    does, then exact arithmetic), never exceeds R, for heavy-tailed random inputs whose
+    per-position terms partly cancel."""
+    from dpspeed.capture.records import Binding, Call
+    from dpspeed.clipping.config import ClippingConfig
+    from dpspeed.clipping.pipeline import clip_factors
+    from dpspeed.layers.linear import LinearRule
+    from dpspeed.layers.precision import factors_in
+
+    torch.manual_seed(0)
+    n, positions = 10_000, 3
+    scales = torch.exp((torch.randn(n, 1, 1) * 3).clamp(-8, 8))  # from e^-8 to e^8 (fp16 reaches 65504)
+    a = (torch.randn(n, positions, 4) * scales).to(dtype)
+    g = torch.randn(n, positions, 5).to(dtype)
+    g[:, 1] = -g[:, 0] * (a[:, 0, :1] / a[:, 1, :1].clamp_min(1e-30)).abs().clamp(0.5, 2).to(dtype)  # partial cancellation
+    layer = nn.Linear(4, 5, bias=False)
+    binding = Binding(layer, "layer", LinearRule(), {"weight": "layer.weight"})
+    config = ClippingConfig.create("bk", "all-layer", "abadi", "sum", 1.0, ["layer.weight"])
+    factors = clip_factors({binding: [Call((a,), {}, [g])]}, config).factors[0]
+    assert torch.isfinite(factors).all()
+    scaled = factors_in(dtype, factors).view(-1, 1, 1) * g  # as clipped_matmul rounds it
+    added = torch.einsum("btd,btp->bpd", a.double(), scaled.double())
+    assert float(added.flatten(1).norm(dim=1).max()) <= 1.0

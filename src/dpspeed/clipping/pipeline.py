@@ -95,12 +95,18 @@ def _choose_methods(calls: dict[Binding, list[Call]], config: ClippingConfig) ->
 
 
 def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, LayerMethod]) -> tuple[Sums, Sums]:
-    """Per parameter, the squared per-example norms (float32) and, where explicit, the gradients."""
+    """Per parameter, the squared per-example norms (float32) and, where explicit, the gradients.
+    Where the sum comes by book-keeping, the norm is raised by what rounding inside that sum can
+    add (`LayerRule.sum_rounding`), so that the factor bounds what is actually added."""
     sq_norms: Sums = {}
     explicit: Sums = {}
+    rounding: Sums = {}
     for binding, cs in calls.items():
         local = list(binding.params)
         for call in cs:
+            if not methods[binding].reuse:
+                for n, v in binding.rule.sum_rounding(binding.module, call, local).items():
+                    _add(rounding, binding.params[n], to_acc(v))
             if methods[binding].ghost_norm:
                 for n, v in binding.rule.ghost_sq_norms(binding.module, call, local).items():
                     _add(sq_norms, binding.params[n], to_acc(v))
@@ -109,6 +115,8 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
                 _add(explicit, binding.params[n], g)
     for name, g in explicit.items():
         _add(sq_norms, name, torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc_dtype(g.dtype)).square())
+    for name, extra in rounding.items():
+        sq_norms[name] = (sq_norms[name].sqrt() + extra).square()
     return sq_norms, explicit
 
 

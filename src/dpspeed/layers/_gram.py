@@ -3,9 +3,12 @@ book-keeping clipped sum, for activations a (B, T, d) and output gradients g (B,
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
-from .precision import factors_in, to_acc
+from .precision import accumulated_mm, factors_in, gram_error, to_acc
 
 
 def aligned_positions(t: torch.Tensor) -> torch.Tensor:
@@ -16,23 +19,55 @@ def aligned_positions(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
 
 
+@contextlib.contextmanager
+def _exact_float32_products() -> Iterator[None]:
+    """CUDA float32 matmuls without TF32 (its 10-bit operands would blur a cancellation)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x_i x_i^T for x (B, T, k), in float32 (float64 for float64): 16-bit operands multiply
+    exactly into float32 on the tensor cores; float32 ones without TF32."""
+    x = aligned_positions(x)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without out_dtype: the float32 copy below
+            pass
+    x = to_acc(x)
+    with _exact_float32_products():
+        return torch.bmm(x, x.transpose(1, 2))
+
+
 def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
-    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p): Gram matrices and
-    their inner product as matrix products in the operands' dtype (float32 accumulation inside),
-    returned in float32. `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k,
-    v projections)."""
+    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), from Gram matrices
+    in float32 (16-bit operands multiply exactly into float32 on the tensor cores), raised by
+    gram_error · M^2 for their rounding (precision.py), M = sum_t ||a_t||·||g_t|| from the Grams'
+    diagonals. `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v)."""
     if a.shape[1] == 1:
         return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
-    key = ("gram", a.dtype)
-    gram_a = shared.get(key) if shared is not None else None
+    gram_a = shared.get("gram") if shared is not None else None
     if gram_a is None:
-        a = aligned_positions(a)
-        gram_a = torch.bmm(a, a.transpose(1, 2)).flatten(1)
+        gram_a = gram(a)
         if shared is not None:
-            shared[key] = gram_a
-    g = aligned_positions(g)
-    gram_g = torch.bmm(g, g.transpose(1, 2)).flatten(1)
-    return to_acc(torch.bmm(gram_a.unsqueeze(1), gram_g.unsqueeze(2)).flatten())
+            shared["gram"] = gram_a
+    gram_g = gram(g)
+    inner = torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1)).clamp(min=0)
+    spread = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)
+    return inner + gram_error(gram_g.dtype) * spread.square()
+
+
+def spread(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """M_i = sum_t ||a_t||·||g_t|| for a (B, T, d), g (B, T, p), in float32: what rounding in a
+    product of the two can move, per unit of roundoff (precision.py)."""
+    norms_a = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32 if a.dtype != torch.float64 else None)
+    norms_g = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32 if g.dtype != torch.float64 else None)
+    return (norms_a * norms_g).sum(1)
 
 
 def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -43,4 +78,4 @@ def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> t
         a = a * column
     else:
         g = g * column
-    return to_acc(torch.mm(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1])))
+    return accumulated_mm(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1]))

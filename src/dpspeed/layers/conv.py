@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import ghost_sq_norm
-from .precision import compute_dtype, factors_in, to_acc, weighted_sum
+from ._gram import ghost_sq_norm, spread
+from .precision import accumulated_bmm, compute_dtype, factors_in, product_roundoff, to_acc, weighted_sum
 from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -83,11 +83,25 @@ class ConvRule(LayerRule):
         out = {}
         if "weight" in names:
             scaled = g * factors_in(g.dtype, factors["weight"]).view(-1, 1, 1, 1)
-            w = torch.einsum("bgpl,bgdl->gpd", scaled, a)
-            out["weight"] = to_acc(w).reshape(module.weight.shape)
+            groups = g.shape[1]
+            flat_g = scaled.permute(1, 2, 0, 3).reshape(groups, g.shape[2], -1)  # (groups, p, B·L)
+            flat_a = a.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2])  # (groups, B·L, d)
+            out["weight"] = accumulated_bmm(flat_g, flat_a).reshape(module.weight.shape)
         if "bias" in names:
             out["bias"] = weighted_sum(factors["bias"], g.sum(-1).reshape(g.shape[0], -1))
         return out
+
+    def sum_rounding(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """The weight's book-keeping product rounds its factor-scaled operand: per group of channels
+        product_roundoff · sum over positions of ||patch||·||g||, their root-sum-square over the
+        groups (the groups are blocks of the weight)."""
+        if "weight" not in names:
+            return {}
+        a, g = self._operands(module, call)
+        batch, groups = g.shape[:2]
+        per_group = spread(a.transpose(2, 3).reshape(batch * groups, a.shape[3], a.shape[2]),
+                           g.transpose(2, 3).reshape(batch * groups, g.shape[3], g.shape[2]))
+        return {"weight": product_roundoff(g.dtype, g.device) * per_group.reshape(batch, groups).norm(dim=1)}
 
     def costs(self, module: ConvNd, call: Call) -> tuple[float, float]:
         g = call.grad()

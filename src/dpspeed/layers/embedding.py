@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from .precision import to_acc
+from ._gram import gram
+from .precision import acc_dtype, gram_error, product_roundoff, to_acc
 from .rule import LayerRule
 
 
@@ -37,10 +38,19 @@ class EmbeddingRule(LayerRule):
         return {"weight": out.reshape(batch, vocab, dim)}
 
     def ghost_sq_norms(self, module: nn.Embedding, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """sum_v ||sum_{t: token v} g_t||^2 from the float32 Gram of the output gradients, raised by
+        gram_error · (sum_t ||g_t||)^2 for its rounding."""
         ids, g = _operands(module, call)
         same_token = ids.unsqueeze(2) == ids.unsqueeze(1)
-        gram = to_acc(torch.bmm(g, g.transpose(1, 2)))
-        return {"weight": (gram * same_token).sum((1, 2))}
+        grams = gram(g)[:, : ids.shape[1], : ids.shape[1]]
+        spread = torch.diagonal(grams, dim1=1, dim2=2).sqrt().sum(1)
+        return {"weight": (grams * same_token).sum((1, 2)).clamp(min=0) + gram_error(grams.dtype) * spread.square()}
+
+    def sum_rounding(self, module: nn.Embedding, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """The clipped sum scales each g_t by its factor in float32: product_roundoff · sum_t ||g_t||."""
+        ids, g = _operands(module, call)
+        norms = torch.linalg.vector_norm(g, dim=-1, dtype=acc_dtype(g.dtype))
+        return {"weight": product_roundoff(acc_dtype(g.dtype), g.device, matmul=False) * norms.sum(1)}
 
     def clipped_sum(self, module: nn.Embedding, call: Call, names, factors) -> dict[str, torch.Tensor]:
         ids, g = _operands(module, call)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import clipped_matmul, ghost_sq_norm
-from .precision import compute_dtype, to_acc, weighted_sum
+from ._gram import clipped_matmul, ghost_sq_norm, spread
+from .precision import compute_dtype, product_roundoff, to_acc, weighted_sum
 from .rule import LayerRule
 
 
@@ -52,6 +52,14 @@ class LinearRule(LayerRule):
         if "bias" in names:
             out["bias"] = weighted_sum(factors["bias"], bias_terms(g))
         return out
+
+    def sum_rounding(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """The weight's book-keeping product rounds its factor-scaled operand (the bias's sum is
+        exact): product_roundoff · sum_t ||a_t||·||g_t||."""
+        if "weight" not in names:
+            return {}
+        a, g = flatten_positions(call.input(), call.grad())
+        return {"weight": product_roundoff(g.dtype, g.device) * spread(a, g)}
 
     def costs(self, module: nn.Linear, call: Call) -> tuple[float, float]:
         a = call.input()

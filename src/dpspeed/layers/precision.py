@@ -7,6 +7,17 @@
   float64 models; clipping factors are computed in float32.
 - A factor cast to a 16-bit dtype is first shrunk by half an epsilon, so rounding never makes a
   clipped gradient larger than the threshold allows.
+- A norm bounds what book-keeping adds, not only the exact gradient's norm. The factor-scaled
+  operand of a book-keeping product is rounded to the compute dtype, which can undo a
+  cancellation the norm saw: an example whose per-position terms cancel has norm ~0 and factor 1,
+  while its rounded terms do not cancel (7·R at inputs of 2^10 in bf16, 7·10^6·R at 2^30).
+  Rounding each element of C·g_t moves the contribution by at most u·C·M, with
+  M = sum_t ||a_t||·||g_t|| and u the operands' unit roundoff (`product_roundoff`), so the
+  clipping raises such a norm by u·M (`LayerRule.sum_rounding`). A ghost norm, from float32 Gram
+  products, is raised from sqrt(n^2) to sqrt(n^2 + e·M^2) (`gram_error`), for the rounding of the
+  Grams' accumulation: nothing for a typical example, e^(1/2)·M for one that cancels. For typical
+  examples M is about sqrt(T) times the norm: in bf16 the norm of a book-keeping layer grows by
+  about 2^-8·sqrt(T) (5% at T = 197), in float32 by 2^-24·sqrt(T).
 """
 
 from __future__ import annotations
@@ -28,10 +39,26 @@ def compute_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
         _told_reduced_precision = True
         logger.warning(
             "per-example norms and clipped sums are computed from %s products (float32 accumulation), as "
-            "the layers' own gradients are: their rounding (about %.1g relative) can let a clipped "
-            "gradient exceed max_grad_norm by that fraction; train in float32 or TF32 for norms at "
-            "float32 precision", g.dtype, torch.finfo(g.dtype).eps / 2)
+            "the layers' own gradients are; so that their rounding (%.1g relative) never lets an example add "
+            "more than max_grad_norm, the norms of book-keeping layers are raised by a bound on it (about "
+            "%.1g·sqrt(positions)), which takes a little signal from clipped examples",
+            g.dtype, torch.finfo(g.dtype).eps / 2, torch.finfo(g.dtype).eps / 2)
     return (a if a.dtype == g.dtype else a.to(g.dtype)), g
+
+
+def product_roundoff(dtype: torch.dtype, device: torch.device, matmul: bool = True) -> float:
+    """The unit roundoff of a product's operands as they are multiplied: bf16 2^-8, fp16 2^-11,
+    float32 2^-24 (2^-11 in CUDA matmuls with TF32 on), float64 2^-53."""
+    if matmul and dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11
+    return torch.finfo(dtype).eps / 2
+
+
+def gram_error(dtype: torch.dtype) -> float:
+    """The relative error allowed for a Gram product's accumulation, per unit of M^2: 2^-20 in
+    float32 (16-bit and float32 operands; 16-bit ones multiply exactly), 2^-48 in float64. An
+    allowance for accumulations of up to a few hundred terms, not a worst-case bound."""
+    return 2.0**-48 if dtype == torch.float64 else 2.0**-20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,8 +82,26 @@ def factors_in(dtype: torch.dtype, factors: torch.Tensor) -> torch.Tensor:
     return shrunk.to(dtype)
 
 
+def accumulated_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y (batched), accumulated and returned in float32 (float64 for float64): 16-bit operands
+    stay 16-bit on the tensor cores, but the result is not rounded back to 16 bits, which would
+    let one example move the rounding of everyone's sum."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without out_dtype: the float32 copies below
+            pass
+    return torch.bmm(to_acc(x), to_acc(y))
+
+
+def accumulated_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y for matrices, as `accumulated_bmm`."""
+    return accumulated_bmm(x.unsqueeze(0), y.unsqueeze(0))[0]
+
+
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """sum_i factors[i] * per_sample[i]: one matrix product in the per-sample dtype (float32
-    accumulation inside it), returned in float32 or better."""
+    """sum_i factors[i] * per_sample[i]: one matrix product in the per-sample dtype, accumulated
+    and returned in float32 or better."""
     flat = per_sample.reshape(per_sample.shape[0], -1)
-    return to_acc(factors_in(per_sample.dtype, factors) @ flat).view(per_sample.shape[1:])
+    row = factors_in(per_sample.dtype, factors).unsqueeze(0)
+    return accumulated_mm(row, flat).view(per_sample.shape[1:])

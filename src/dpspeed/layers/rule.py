@@ -42,6 +42,14 @@ class LayerRule:
         grads = self.per_sample_grads(module, call, names)
         return {n: weighted_sum(factors[n], grads[n]) for n in names}
 
+    def sum_rounding(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """Per parameter and example, how far what `clipped_sum` adds for an example can exceed its
+        factor times its gradient's norm, per unit of factor: rounding inside the sum, (B,) each.
+        The clipping raises the example's norm by it, so that nothing it adds exceeds the
+        threshold. None needed (the default) when the sum multiplies per-example gradients by
+        their factors exactly (`weighted_sum`)."""
+        return {}
+
     def costs(self, module: nn.Module, call: Call) -> tuple[float, float] | None:
         """(ghost cost, explicit cost) of the norm in multiply-adds per example, or None."""
         return None
