@@ -422,3 +422,16 @@ def test_no_mode_writes_a_non_finite_value_into_a_parameter(mode, caplog):
     else:
         assert opt.skipped_steps == 0 and engine.accountant.steps == 1 and engine.nonfinite_examples == 1
     engine.detach()
+
+
+def test_a_weight_penalty_in_the_loss_is_refused_pointing_to_weight_decay():
+    """Its gradient reaches the parameters outside any example's clipping."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    engine, (m, opt, loader) = _private(model, data_loader=DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4),
+                                        poisson_sampling=False)
+    (xb,) = next(iter(loader))
+    (m(xb).square().mean() + 1e-3 * m[0].weight.square().sum()).backward()
+    with pytest.raises(RuntimeError, match="weight_decay"):
+        opt.step()
+    engine.detach()

@@ -57,3 +57,30 @@ def test_a_dp_loader_refuses_what_it_cannot_batch():
         DPDataLoader(data, [[0, 1]], max_physical_batch_size=0)
     with pytest.raises(ValueError, match="needs max_physical_batch_size"):
         DPDataLoader(data, [[0, 1]], fixed_physical_batch=True)
+
+
+def test_a_resumed_loader_with_workers_draws_what_would_have_come_next():
+    """Workers draw ahead of what the loop has taken; the saved state is that after the last
+    logical batch yielded, not the sampler's own (which ran ahead)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpspeed.sampling import DPDataLoader
+
+    data = TensorDataset(torch.arange(200).float().unsqueeze(1))
+
+    def loader():
+        return DPDataLoader(data, PoissonBatchSampler(200, 0.1, steps=20, seed=4), num_workers=2,
+                            **{"collate_fn": DataLoader(data).collate_fn})
+
+    def rows(batch):
+        return batch[0].flatten().long().tolist()
+
+    first = loader()
+    batches = iter(first)
+    [next(batches) for _ in range(3)]
+    state = first.state_dict()
+    uninterrupted = [rows(next(batches)) for _ in range(2)]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    assert [rows(next(again)) for _ in range(2)] == uninterrupted

@@ -65,10 +65,12 @@ class _GrantedGradients:
             granted = self._granted.get(name)
             if granted is None or p.grad is not granted[0] or p.grad._version != granted[1]:
                 raise RuntimeError(
-                    f"parameter {name!r} received a gradient from autograd: the forward pass ran without "
-                    "dpspeed's hooks, so no example was clipped (a torch.compile graph compiled for another "
-                    "copy of the model reused without the hooks, or a call that bypasses module hooks). "
-                    "Compile only after make_private and only the private model, or run it uncompiled"
+                    f"parameter {name!r} received a gradient from autograd, which no example's clipping bounds. "
+                    "Either a term of the loss uses the parameters themselves (a weight penalty such as "
+                    "lambda * w.square().sum(): use the optimizer's weight_decay instead, which looks at no data), "
+                    "or the forward pass ran without dpspeed's hooks (a torch.compile graph compiled for another "
+                    "copy of the model reused without them, or a call that bypasses module hooks: compile only "
+                    "after make_private and only the private model, or run it uncompiled)"
                 )
 
 

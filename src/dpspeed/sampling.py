@@ -59,14 +59,16 @@ def check_batching(dataset: Dataset, max_physical_batch_size: int | None, fixed_
 
 
 class _PhysicalBatches(Sampler[list[int]]):
-    """Splits each logical batch into physical ones and queues whether each ends its logical batch."""
+    """Splits each logical batch into physical ones and queues, for each, whether it ends its logical
+    batch and the logical sampler's state once that batch was drawn (a data loader with workers
+    draws ahead of what it yields, so the sampler's own state runs ahead of the training)."""
 
     def __init__(self, logical: Sampler[list[int]] | Any, max_size: int | None,
                  common_count: Callable[[int], int] | None = None):
         self.logical = logical
         self.max_size = max_size
         self.common_count = common_count  # sharded models: every rank runs as many physical batches
-        self.ends: deque[bool] = deque()
+        self.ends: deque[tuple[bool, dict | None]] = deque()
 
     def __len__(self) -> int:
         return len(self.logical)
@@ -75,12 +77,13 @@ class _PhysicalBatches(Sampler[list[int]]):
         self.ends.clear()
         for indices in self.logical:
             indices = list(indices)
+            drawn = self.logical.state_dict() if hasattr(self.logical, "state_dict") else None
             size = self.max_size or max(len(indices), 1)
             chunks = [indices[i : i + size] for i in range(0, len(indices), size)] or [[]]
             if self.common_count is not None:
                 chunks += [[] for _ in range(self.common_count(len(chunks)) - len(chunks))]
             for k, chunk in enumerate(chunks):
-                self.ends.append(k == len(chunks) - 1)
+                self.ends.append((k == len(chunks) - 1, drawn))
                 yield chunk
 
 
@@ -160,6 +163,7 @@ class DPDataLoader:
             **loader_kwargs,
         )
         self._on_physical_batch: list[Callable[[bool, torch.Tensor | None, bool], None]] = []
+        self._yielded_through: dict | None = None  # the sampler's state after the last full logical batch
 
     def on_physical_batch(self, callback: Callable[[bool, torch.Tensor | None, bool], None]) -> None:
         """Call `callback(last, row_mask, starting)` before each physical batch is yielded: whether it
@@ -173,7 +177,9 @@ class DPDataLoader:
     def __iter__(self) -> Iterator:
         starting = True
         for batch in self.loader:
-            end = self.batches.ends.popleft()
+            end, drawn = self.batches.ends.popleft()
+            if end:
+                self._yielded_through = drawn
             mask = None
             if self.fixed_size is not None:
                 batch, mask = _pad(batch, self.filler, self.fixed_size)
@@ -187,12 +193,17 @@ class DPDataLoader:
         return getattr(self.logical_batches, "sample_rate", None)
 
     def state_dict(self) -> dict:
+        """The logical sampler's state after the last logical batch yielded in full: a resumed run
+        draws the batches that would have come next, whatever the workers had drawn ahead."""
+        if self._yielded_through is not None:
+            return self._yielded_through
         sd = getattr(self.logical_batches, "state_dict", None)
         return sd() if sd else {}
 
     def load_state_dict(self, state: dict) -> None:
         if state and hasattr(self.logical_batches, "load_state_dict"):
             self.logical_batches.load_state_dict(state)
+            self._yielded_through = state
 
 
 def loader_options(loader: DataLoader) -> dict:
