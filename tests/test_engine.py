@@ -435,3 +435,19 @@ def test_a_weight_penalty_in_the_loss_is_refused_pointing_to_weight_decay():
     with pytest.raises(RuntimeError, match="weight_decay"):
         opt.step()
     engine.detach()
+
+
+def test_a_grad_scaler_is_refused_clearly():
+    """A scaled loss scales every example's gradient: clipping would happen at R / scale."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    engine, (m, opt, loader) = _private(model, data_loader=DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4),
+                                        poisson_sampling=False)
+    scaler = torch.amp.GradScaler("cpu")
+    (xb,) = next(iter(loader))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = m(xb).square().mean()
+    scaler.scale(loss).backward()
+    with pytest.raises(RuntimeError, match="GradScaler is not supported"):
+        scaler.step(opt)
+    engine.detach()

@@ -79,6 +79,9 @@ class DPOptimizer(Optimizer):
 
     Callback: `on_logical_step(f)`: f() after every step of the user's optimizer."""
 
+    #: torch.amp.GradScaler hands its scale to such an optimizer's step (which refuses it, clearly)
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -258,6 +261,12 @@ class DPOptimizer(Optimizer):
             p.grad = fsdp.as_sharded_grad(total, p) if name in self.topology.shards else total.to(p.dtype)
 
     def step(self, closure: Callable[[], float] | None = None):
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "torch.amp.GradScaler is not supported: a scaled loss scales every example's gradient, so "
+                "clipping to max_grad_norm would clip at max_grad_norm / scale. Train under bf16 autocast (it "
+                "needs no loss scaling) or in float32, and call optimizer.step() directly"
+            )
         if not self._announced:
             raise RuntimeError(
                 "optimizer.step() on a batch that the data loader returned by make_private did not yield (does "
