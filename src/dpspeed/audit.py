@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import __version__
 from .engine import PrivacyEngine
 
 
@@ -67,6 +69,7 @@ class AuditResult:
     confidence: float
     seconds: float
     config: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
 
     @property
     def contradicts_claim(self) -> bool:
@@ -169,6 +172,8 @@ def run_audit(config: AuditConfig = AuditConfig(), engine: Callable[[], PrivacyE
         epsilon_lower_bound=epsilon_lower_bound(config.canaries, guesses, correct, config.delta, config.confidence),
         epsilon_claimed=config.epsilon, delta=config.delta, canaries=config.canaries, guesses=guesses,
         correct=correct, confidence=config.confidence, seconds=time.perf_counter() - start, config=asdict(config),
+        environment={"dpspeed": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                     "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")},
     )
     if config.out:
         Path(config.out).mkdir(parents=True, exist_ok=True)
