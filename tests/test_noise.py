@@ -139,3 +139,57 @@ def test_noise_reaches_every_coordinate_of_any_layout():
     for total in (channels_last, large):
         source.add_to(total, std=2.0)
         assert (total != 0).all() and abs(float(total.std()) - 2.0) < 0.1
+
+
+def test_secure_streams_are_uniform_and_unpredictable_without_their_key():
+    from dpspeed.noise import SecureStream
+
+    keys = iter([b"k" * 32, b"k" * 32, b"j" * 32])
+    first, again, other = (SecureStream(lambda: next(keys)) for _ in range(3))
+    draw = first.uniform(torch.device("cpu"))(100_000)
+    assert draw.dtype == torch.float64 and 0 <= float(draw.min()) and float(draw.max()) < 1
+    assert abs(float(draw.mean()) - 0.5) < 5e-3 and abs(float(draw.var()) - 1 / 12) < 2e-3
+    assert torch.equal(again.uniform(torch.device("cpu"))(100_000), draw)  # one key, one stream (ranks share it)
+    assert not torch.equal(other.uniform(torch.device("cpu"))(100_000), draw)
+    assert not torch.equal(first.uniform(torch.device("cpu"))(100_000), draw)  # the next block
+
+
+def test_secure_noise_is_standard_normal():
+    from dpspeed.noise import SecureStream, secure_gaussian
+
+    z = secure_gaussian(400_000, SecureStream(lambda: bytes(32)).uniform(torch.device("cpu")), torch.float64)
+    assert abs(float(z.mean())) < 1e-2 and abs(float(z.std()) - 1) < 1e-2 and abs(float(z.pow(4).mean()) - 3) < 0.1
+
+
+def test_secure_mode_adds_noise_once_and_saves_no_random_state():
+    from dpspeed import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(400, 1, bias=False)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 400)), batch_size=16)
+    engine = PrivacyEngine(secure_mode=True)
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                             data_loader=data, noise_multiplier=1.5, max_grad_norm=2.0,
+                                             loss_reduction="sum")
+    stds = []
+    for (x,) in loader:
+        (model(x * 0) * 0).sum().backward()
+        opt.step()
+        stds.append(float(model.weight.grad.std()))
+        opt.zero_grad()
+    assert abs(sum(stds) / len(stds) - 1.5 * 2.0) < 0.15 and engine.accountant.steps == len(loader)
+    assert "random" not in engine.state_dict() and loader.state_dict() == {}
+
+
+def test_secure_mode_refuses_what_would_make_it_reproducible():
+    import pytest
+
+    from dpspeed import PrivacyEngine
+
+    model = torch.nn.Linear(3, 1)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)), batch_size=4)
+    for options in ({"seed": 1}, {"noise_generator": torch.Generator()}):
+        with pytest.raises(ValueError, match="secure_mode"):
+            PrivacyEngine(secure_mode=True).make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+                noise_multiplier=1.0, max_grad_norm=1.0, **options)

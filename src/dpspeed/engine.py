@@ -22,7 +22,7 @@ from .clipping.early_release import EarlyRelease
 from .clipping.groups import ClippingStyle, Grouping
 from .clipping.planner import LayerPlan, Planner
 from .clipping.two_pass import DPLoss
-from .noise import NoiseSource
+from .noise import NoiseSource, SecureNoiseSource
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
 from .sampling import DPDataLoader, PoissonBatchSampler, loader_options
@@ -57,13 +57,13 @@ def _warn_if_delta_is_large(delta: float, dataset_size: int) -> None:
 
 
 def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | None, poisson_sampling: bool,
-                    max_physical_batch_size: int | None, fixed_physical_batch: bool) -> DPDataLoader:
+                    max_physical_batch_size: int | None, fixed_physical_batch: bool, secure: bool) -> DPDataLoader:
     """The user's loader made private: Poisson-sampled logical batches (each rank its shard of the
     data set), split into physical batches; or the user's own batches when poisson_sampling=False."""
     if poisson_sampling:
         rate = data_loader.batch_size / len(data_loader.dataset)
         logical = PoissonBatchSampler(len(data_loader.dataset), rate, steps=len(data_loader), seed=seed,
-                                      rank=topology.rank, world_size=topology.world)
+                                      rank=topology.rank, world_size=topology.world, secure=secure)
     else:
         logical = data_loader.batch_sampler
     return DPDataLoader(data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
@@ -87,8 +87,10 @@ class PrivacyEngine:
     """Opacus-compatible entry point: make_private, make_private_with_epsilon, get_epsilon, detach."""
 
     def __init__(self, accountant: str = "pld", secure_mode: bool = False):
-        if secure_mode:
-            raise ValueError("secure_mode (a cryptographic noise source) is not supported")
+        """`secure_mode`: the noise and the batches from cryptographically secure streams rekeyed
+        from the operating system at every step, and the noise as the mean of four Gaussian draws
+        against floating-point attacks (noise.py); slower, and never reproducible."""
+        self.secure_mode = secure_mode
         self.accountant = Accountant(accountant)
         self.controller: Controller | None = None
         self.optimizer: DPOptimizer | None = None
@@ -139,12 +141,9 @@ class PrivacyEngine:
                                 noise_multiplier=noise_multiplier, clipping=clipping, topology=topology,
                                 max_physical_batch_size=max_physical_batch_size,
                                 fixed_physical_batch=fixed_physical_batch, poisson_sampling=poisson_sampling)
-        if seed is not None:
-            logger.warning(SEEDED_WARNING, seed)
-        self._reproducible, seed = seed is not None, topology.shared_seed(seed)
+        seed, noise = self._random_sources(seed, noise_generator, topology)
         loader = _private_loader(data_loader, topology, seed, poisson_sampling, max_physical_batch_size,
-                                 fixed_physical_batch)
-        noise = NoiseSource.create(noise_generator, seed, topology.world, bool(topology.shards), topology.device)
+                                 fixed_physical_batch, self.secure_mode)
         dp_optimizer = DPOptimizer(optimizer, Controller(module, params, param_grads=clipping.two_pass), clipping,
                                    noise, noise_multiplier, float(data_loader.batch_size), topology)
         controller = _wire(dp_optimizer, loader)
@@ -161,6 +160,20 @@ class PrivacyEngine:
         if criterion is None:
             return module, dp_optimizer, loader
         return module, dp_optimizer, DPLoss(criterion, dp_optimizer) if clipping.two_pass else criterion, loader
+
+    def _random_sources(self, seed: int | None, noise_generator: torch.Generator | None,
+                        topology: Topology) -> tuple[int | None, NoiseSource | SecureNoiseSource]:
+        """The batches' seed and the noise's source, by the seed policy of noise.py; in secure_mode,
+        secure streams (a seed or a generator would make them reproducible: refused)."""
+        if self.secure_mode:
+            if seed is not None or noise_generator is not None:
+                raise ValueError("secure_mode draws every batch and all noise from the operating system's "
+                                 "entropy; seed= and noise_generator= would make them reproducible: leave them out")
+            return None, SecureNoiseSource(topology.shared_key)
+        if seed is not None:
+            logger.warning(SEEDED_WARNING, seed)
+        self._reproducible, seed = seed is not None, topology.shared_seed(seed)
+        return seed, NoiseSource.create(noise_generator, seed, topology.world, bool(topology.shards), topology.device)
 
     def make_private_with_epsilon(
         self,

@@ -23,6 +23,7 @@ T·d·2^-160), which for any d < 10^12, T < 10^9 and ε < 50 adds less than 10^-
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from typing import Callable
@@ -84,6 +85,17 @@ def gaussian(n: int, uniform: Uniform, dtype: torch.dtype = torch.float64) -> to
     return out[:n]
 
 
+def _add_noise(total: torch.Tensor, std: float, draw: Callable[[int, torch.dtype], torch.Tensor]) -> None:
+    """total += std · draw(n, dtype), in chunks (a few MB of temporaries on the CPU)."""
+    if not total.is_contiguous():  # (a channels-last gradient): one draw of its whole size
+        total.add_(draw(total.numel(), total.dtype).view(total.shape), alpha=std)
+        return
+    flat, chunk = total.view(-1), _CHUNK.get(total.device.type, _DEVICE_CHUNK)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        part.add_(draw(part.numel(), part.dtype), alpha=std)
+
+
 def _uniform(generator: torch.Generator | None, device: torch.device) -> Uniform:
     return lambda n: torch.rand(n, dtype=torch.float64, generator=generator, device=device)
 
@@ -130,13 +142,10 @@ class NoiseSource:
         """total += N(0, std²) per coordinate, in place, with no cut-off in the tails."""
         generator = self.sharded if sharded and self.sharded is not None else self.generator_for(total.device)
         uniform = _uniform(generator, total.device)
-        if not total.is_contiguous():  # (a channels-last gradient): one draw of its whole size
-            total.add_(gaussian(total.numel(), uniform, total.dtype).view(total.shape), alpha=std)
-            return
-        flat, chunk = total.view(-1), _CHUNK.get(total.device.type, _DEVICE_CHUNK)
-        for start in range(0, flat.numel(), chunk):
-            part = flat[start : start + chunk]
-            part.add_(gaussian(part.numel(), uniform, part.dtype), alpha=std)
+        _add_noise(total, std, lambda n, dtype: gaussian(n, uniform, dtype))
+
+    def new_step(self) -> None:
+        """A new logical step (the streams simply go on)."""
 
     def state_dict(self) -> dict:
         """The generators' states: a run resumed from them continues their streams exactly."""
@@ -150,3 +159,60 @@ class NoiseSource:
             self.generator_for(torch.device(device)).set_state(saved)
         if self.sharded is not None and state["sharded"] is not None:
             self.sharded.set_state(state["sharded"])
+
+
+class SecureStream:
+    """Uniforms from a cryptographically secure generator: SHAKE-256 keyed with 32 bytes from
+    `key_source` (the operating system's entropy, or rank 0's broadcast), a new key at every
+    `rekey`, blocks of the stream told apart by a counter. Nobody without the key can predict a
+    draw, whatever they saw before."""
+
+    def __init__(self, key_source: Callable[[], bytes]):
+        self.key_source = key_source
+        self._key = key_source()
+        self._block = 0
+
+    def rekey(self) -> None:
+        self._key, self._block = self.key_source(), 0
+
+    def uniform(self, device: torch.device) -> Uniform:
+        def draw(n: int) -> torch.Tensor:
+            self._block += 1
+            raw = hashlib.shake_256(self._key + self._block.to_bytes(8, "little")).digest(8 * n)
+            words = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+            return ((words >> 11) & ((1 << 53) - 1)).to(torch.float64).mul_(2.0**-53).to(device)
+
+        return draw
+
+
+def secure_gaussian(n: int, uniform: Uniform, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, 1) as the mean of four independent draws, times 2: a floating-point attack on one
+    Box-Muller draw's low-order bits (Mironov 2012; Holohan & Braghin 2021) no longer sees them."""
+    total = gaussian(n, uniform, torch.float64)
+    for _ in range(3):
+        total.add_(gaussian(n, uniform, torch.float64))
+    return total.mul_(0.5).to(dtype)
+
+
+class SecureNoiseSource:
+    """secure_mode's noise: secure streams, rekeyed from the operating system at every logical
+    step; for replicated parameters the key is shared by all ranks (`replicated_key`), for this
+    rank's shards it is its own. Nothing of it is saved in a checkpoint."""
+
+    def __init__(self, replicated_key: Callable[[], bytes], shard_key: Callable[[], bytes] = lambda: secrets.token_bytes(32)):
+        self.replicated = SecureStream(replicated_key)
+        self.sharded = SecureStream(shard_key)
+
+    def new_step(self) -> None:
+        self.replicated.rekey()
+        self.sharded.rekey()
+
+    def add_to(self, total: torch.Tensor, std: float, sharded: bool = False) -> None:
+        uniform = (self.sharded if sharded else self.replicated).uniform(total.device)
+        _add_noise(total, std, lambda n, dtype: secure_gaussian(n, uniform, dtype))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

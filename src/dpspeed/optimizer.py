@@ -24,7 +24,7 @@ from .clipping.config import ClippingConfig
 from .clipping.pipeline import ClippedPass, clip_pass
 from .clipping.two_pass import autograd_sums
 from .layers.precision import acc_dtype
-from .noise import NoiseSource
+from .noise import NoiseSource, SecureNoiseSource
 from .parallel import data_parallel, fsdp
 from .parallel.topology import Topology
 from .profiling import section
@@ -87,7 +87,7 @@ class DPOptimizer(Optimizer):
         optimizer: Optimizer,
         controller: Controller,
         clipping: ClippingConfig,
-        noise: NoiseSource,
+        noise: NoiseSource | SecureNoiseSource,
         noise_multiplier: float,
         expected_batch_size: float,
         topology: Topology | None = None,
@@ -245,6 +245,7 @@ class DPOptimizer(Optimizer):
     def add_noise(self) -> None:
         """N(0, (sigma * ||R||)^2) once per coordinate of the sum."""
         std = self.noise_multiplier * self.clipping.grouping.total_threshold
+        self.noise.new_step()
         if std > 0:
             for name, total in self.summed.items():
                 self.noise.add_to(total, std, sharded=name in self.topology.shards)

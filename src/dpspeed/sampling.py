@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .noise import sampling_seed
+from .noise import SecureStream, sampling_seed
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -23,7 +24,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, seed: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, secure: bool = False):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_samples = num_samples
@@ -32,20 +33,27 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.generator = torch.Generator()
         self.generator.manual_seed(sampling_seed(seed, rank))  # ranks draw independently
+        #: secure_mode: each batch from a secure stream, rekeyed from the operating system; no state
+        self.secure = SecureStream(lambda: secrets.token_bytes(32)) if secure else None
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
-            yield self.shard[mask].tolist()
+            if self.secure is not None:
+                self.secure.rekey()
+                draws = self.secure.uniform(torch.device("cpu"))(len(self.shard))
+            else:
+                draws = torch.rand(len(self.shard), generator=self.generator)
+            yield self.shard[draws < self.sample_rate].tolist()
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {} if self.secure is not None else {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if state:
+            self.generator.set_state(state["generator"])
 
 
 def check_batching(dataset: Dataset, max_physical_batch_size: int | None, fixed_physical_batch: bool) -> None:

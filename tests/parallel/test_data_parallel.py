@@ -174,6 +174,32 @@ def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path):
     assert "all-reduce of the clipped gradients failed" in record["error"]
 
 
+def _secure(rank: int) -> dict:
+    """Three noisy logical steps in secure_mode: each rank's own secure batches, one noise key."""
+    x, y = _data()
+    model = _model()
+    engine = PrivacyEngine(secure_mode=True)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=1.0, max_grad_norm=0.5,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=6), max_physical_batch_size=2, loss_reduction="sum")
+    steps, sizes = 0, []
+    for xb, yb in loader:
+        sizes.append(len(xb))
+        nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+        opt.step()
+        opt.zero_grad()
+        steps += opt.is_last_physical_batch
+        if steps == 3:
+            break
+    return {"final": {n: p.detach().tolist() for n, p in model.named_parameters()}, "sizes": sizes}
+
+
+def test_secure_mode_keeps_ranks_identical(tmp_path):
+    """The noise key is rank 0's, broadcast: every rank adds the same noise and applies the same update."""
+    ranks = run_ranks(tmp_path, _secure)
+    assert ranks[0]["final"] == ranks[1]["final"]
+
+
 def test_ranks_with_different_data_sets_are_refused(tmp_path):
     """They would sample different populations at different rates; epsilon would describe neither."""
     ranks = _run(tmp_path, "unequal", check=False)

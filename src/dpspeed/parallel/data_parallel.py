@@ -11,6 +11,8 @@ applies the same update.
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,6 +63,13 @@ def gathered(values: list[int], group: dist.ProcessGroup | None, device: torch.d
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     return [t.tolist() for t in every]
+
+
+def shared_bytes(count: int, group: dist.ProcessGroup | None, device: torch.device) -> bytes:
+    """`count` bytes of rank 0's operating-system entropy, on every rank."""
+    value = torch.tensor(list(secrets.token_bytes(count)), dtype=torch.uint8, device=device)
+    dist.broadcast(value, src=_source(group), group=group)
+    return bytes(value.cpu().tolist())
 
 
 def shared_seed(seed: int | None, group: dist.ProcessGroup | None, device: torch.device) -> int:

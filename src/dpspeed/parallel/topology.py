@@ -3,6 +3,7 @@ on, and the parameters sharded by fully_shard. One process without sharding is t
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -70,6 +71,12 @@ class Topology:
                 "of the examples itself. Data split across ranks beforehand: give every rank a data set over all "
                 "of it (each rank reads only the examples of its share)"
             )
+
+    def shared_key(self) -> bytes:
+        """32 bytes of entropy, rank 0's on every rank (one process: its own)."""
+        if self.distributed:
+            return data_parallel.shared_bytes(32, self.group, self.device)
+        return secrets.token_bytes(32)
 
     def broadcast_state(self, module: nn.Module) -> None:
         """Every rank starts from rank 0's parameters and buffers."""
