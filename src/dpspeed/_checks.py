@@ -6,8 +6,8 @@ pieces fit together."""
 
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 from typing import Container
 
 from torch import nn
@@ -18,8 +18,6 @@ from .clipping.config import ClippingConfig
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
 from .sampling import check_batching
-
-logger = logging.getLogger(__name__)
 
 
 def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
@@ -108,7 +106,8 @@ def check_noise(noise_multiplier: float) -> None:
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
     if noise_multiplier == 0:
-        logger.warning("noise_multiplier=0: no noise is added, so the training is not private (epsilon is infinite)")
+        warnings.warn("noise_multiplier=0: no noise is added, so the training is not private (epsilon is infinite)",
+                      stacklevel=4)
 
 
 def check_clipping(clipping: ClippingConfig, criterion: nn.Module | None) -> None:
