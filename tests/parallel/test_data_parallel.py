@@ -49,7 +49,7 @@ def _scenario(rank: int, scenario: str) -> dict:
     model, opt, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
         noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, loss_reduction="sum",
-        seed=None if scenario == "noise" else 5,  # unseeded: rank 0's entropy, shared
+        seed=None if scenario == "train" else 5,  # unseeded: rank 0's entropy, shared
         clipping_mode="bk",
     )
     elements, in_backward, backward_running = [], [], [False]
