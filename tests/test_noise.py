@@ -193,3 +193,17 @@ def test_secure_mode_refuses_what_would_make_it_reproducible():
             PrivacyEngine(secure_mode=True).make_private(
                 module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
                 noise_multiplier=1.0, max_grad_norm=1.0, **options)
+
+
+def test_every_bit_of_the_seed_matters_on_the_cpu():
+    """torch's CPU generator keeps 32 bits of a manual seed: 2^32 seeds could be tried against a
+    released update. Seeds that differ only above bit 32 must give other noise and other batches."""
+    from dpspeed.noise import seeded_generator
+    from dpspeed.sampling import PoissonBatchSampler
+
+    low, high = 123_456_789, 123_456_789 + 2**40
+    assert not torch.equal(torch.rand(8, generator=seeded_generator(low)), torch.rand(8, generator=seeded_generator(high)))
+    assert torch.equal(torch.rand(8, generator=seeded_generator(low)), torch.rand(8, generator=seeded_generator(low)))
+    assert list(PoissonBatchSampler(100, 0.3, steps=2, seed=low)) != list(PoissonBatchSampler(100, 0.3, steps=2, seed=high))
+    draws = torch.rand(1_000_000, generator=seeded_generator(high))
+    assert abs(float(draws.mean()) - 0.5) < 2e-3 and abs(float(draws.var()) - 1 / 12) < 1e-3

@@ -151,9 +151,28 @@ def test_a_forward_after_a_backward_in_one_physical_batch_is_refused():
         model(x)
 
 
-def test_passes_of_one_physical_batch_must_have_the_same_rows():
+def test_whole_batch_and_partial_passes_cannot_be_mixed_in_one_step():
     engine, model, optimizer, loader, _ = _loop(batch_size=4)
     (x,) = next(iter(loader))
     model(x)
-    with pytest.raises(RuntimeError, match="with 4 and 2 rows"):
+    with pytest.raises(RuntimeError, match=r"over all of a physical batch \(4 rows\) and over part of it \(2 rows\)"):
         model(x[:2])
+
+
+@pytest.mark.parametrize("zero_grad_first", [False, True])
+def test_a_loop_over_the_examples_of_a_batch_clips_each_on_its_own(zero_grad_first):
+    """One forward pass per example (variable-length inputs), one backward of the summed losses:
+    every example is its own, clipped to R by itself, not merged with the others as views."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    data = DataLoader(TensorDataset(torch.randn(3, 3) * 10), batch_size=3)
+    model, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=data, noise_multiplier=0.0,
+        max_grad_norm=1.0, loss_reduction="sum", clipping_mode="bk", poisson_sampling=False)
+    (x,) = next(iter(loader))
+    if zero_grad_first:
+        optimizer.zero_grad()
+    sum(model(x[i : i + 1]).sum() for i in range(3)).backward()
+    optimizer.step()
+    want = sum(x[i] / x[i].norm() for i in range(3))  # each example's gradient x_i, clipped to norm 1
+    assert torch.allclose(model.weight.grad.flatten(), want, atol=1e-5)

@@ -50,6 +50,27 @@ def draw_seed() -> int:
     return secrets.randbits(63)
 
 
+#: torch's CPU generator state: (int64 seed, int32 left, int32 seeded, uint64 next), then 624 words
+_MT_WORDS_OFFSET, _MT_WORDS, _MT_STATE_BYTES = 24, 624, 5056
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose whole state depends on all the bits of `seed`. torch's CPU generator keeps
+    only 32 bits of a manual seed, few enough to try every one against a released update; its 624
+    state words are filled from SHAKE-256 of the seed instead. GPU generators (Philox) take 64."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % 2**64)
+    state = generator.get_state()
+    if torch.device(device).type == "cpu" and state.numel() == _MT_STATE_BYTES:
+        stream = hashlib.shake_256(seed.to_bytes(16, "little")).digest(4 * _MT_WORDS)
+        words = torch.frombuffer(bytearray(stream), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
+        words[0] |= 1  # the generator's state must not be all zeros
+        state = state.clone()
+        state[_MT_WORDS_OFFSET : _MT_WORDS_OFFSET + 8 * _MT_WORDS] = words.view(torch.uint8)
+        generator.set_state(state)
+    return generator
+
+
 def sampling_seed(seed: int | None, rank: int) -> int:
     """The seed of a rank's Poisson sampler."""
     return (seed if seed is not None else draw_seed()) + rank
@@ -119,9 +140,8 @@ class NoiseSource:
         from `seed` (shared by all ranks)."""
         shard_generator = None
         if sharded and world > 1:
-            shard_generator = torch.Generator(device=device)
             start = generator.initial_seed() if generator is not None else seed
-            shard_generator.manual_seed((start + 104729 * (dist.get_rank() + 1)) % 2**63)
+            shard_generator = seeded_generator((start + 104729 * (dist.get_rank() + 1)) % 2**63, device)
         source = cls(seed, generator, shard_generator)
         source.generator_for(torch.device(device))
         return source
@@ -133,9 +153,8 @@ class NoiseSource:
                 raise ValueError(f"noise_generator lives on {self.user_generator.device}, a parameter on {device}")
             return self.user_generator
         if device not in self._replicated:
-            generator = torch.Generator(device=device)
-            generator.manual_seed((self.seed + 7919 + 1_000_003 * len(self._replicated)) % 2**63)
-            self._replicated[device] = generator
+            seed = (self.seed + 7919 + 1_000_003 * len(self._replicated)) % 2**63
+            self._replicated[device] = seeded_generator(seed, device)
         return self._replicated[device]
 
     def add_to(self, total: torch.Tensor, std: float, sharded: bool = False) -> None:

@@ -122,9 +122,11 @@ class DPOptimizer(Optimizer):
         self._on_logical_step.append(callback)
 
     # ----------------------------------------------------------------------------- physical batches
-    def begin_physical_batch(self, last: bool, row_mask: torch.Tensor | None = None, starting: bool = False) -> None:
+    def begin_physical_batch(self, last: bool, row_mask: torch.Tensor | None = None, starting: bool = False,
+                             rows: int | None = None) -> None:
         """The next physical batch: whether it ends its logical batch, which of its rows are real
-        examples (None: all), and whether it starts a new pass over the data loader. Within a pass,
+        examples (None: all), whether it starts a new pass over the data loader, and how many rows
+        it has (None: unknown; the first forward pass tells). Within a pass,
         every physical batch must be stepped; a logical batch left unfinished by a pass broken off
         is dropped when the next pass starts, never carried into it."""
         if starting and (self._announced or self.summed or self.controller.recordings):
@@ -136,7 +138,7 @@ class DPOptimizer(Optimizer):
                 "the previous physical batch was not stepped: call optimizer.step() after every batch the data "
                 "loader returned by make_private yields; it groups them into logical batches itself"
             )
-        self.controller.new_physical_batch()
+        self.controller.new_physical_batch(rows)
         self.is_last_physical_batch, self.row_mask, self._announced = last, row_mask, True
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .noise import SecureStream, sampling_seed
+from .noise import SecureStream, sampling_seed, seeded_generator
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -31,10 +31,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.shard = torch.arange(rank, num_samples, world_size)  # this rank's part of the data set
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
-        self.generator = torch.Generator()
-        self.generator.manual_seed(sampling_seed(seed, rank))  # ranks draw independently
         #: secure_mode: each batch from a secure stream, rekeyed from the operating system; no state
         self.secure = SecureStream(lambda: secrets.token_bytes(32)) if secure else None
+        self.generator = seeded_generator(sampling_seed(seed, rank) if not secure else 0)  # ranks draw independently
 
     def __len__(self) -> int:
         return self.steps
@@ -170,13 +169,13 @@ class DPDataLoader:
             pin_memory=pin_memory,
             **loader_kwargs,
         )
-        self._on_physical_batch: list[Callable[[bool, torch.Tensor | None, bool], None]] = []
+        self._on_physical_batch: list[Callable[[bool, torch.Tensor | None, bool, int | None], None]] = []
         self._yielded_through: dict | None = None  # the sampler's state after the last full logical batch
 
-    def on_physical_batch(self, callback: Callable[[bool, torch.Tensor | None, bool], None]) -> None:
-        """Call `callback(last, row_mask, starting)` before each physical batch is yielded: whether it
-        ends its logical batch, for fixed-shape batches which rows are real (None otherwise), and
-        whether it is the first of a new pass over the loader."""
+    def on_physical_batch(self, callback: Callable[[bool, torch.Tensor | None, bool, int | None], None]) -> None:
+        """Call `callback(last, row_mask, starting, rows)` before each physical batch is yielded:
+        whether it ends its logical batch, for fixed-shape batches which rows are real (None
+        otherwise), whether it is the first of a new pass over the loader, and its rows."""
         self._on_physical_batch.append(callback)
 
     def __len__(self) -> int:
@@ -191,8 +190,9 @@ class DPDataLoader:
             mask = None
             if self.fixed_size is not None:
                 batch, mask = _pad(batch, self.filler, self.fixed_size)
+            rows = next((t.shape[0] for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() > 0), None)
             for callback in self._on_physical_batch:
-                callback(end, mask, starting)
+                callback(end, mask, starting, rows)
             starting = False
             yield batch
 

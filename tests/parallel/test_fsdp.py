@@ -85,9 +85,10 @@ def _scenario(rank: int, scenario: str) -> dict:
 
     dist.reduce_scatter_tensor = counted
     record = {"indices": [], "grads": [], "local": [], "physical": [], "start": start}
+    drawn_from = loader.logical_batches.state_dict()
     batches = iter(loader.logical_batches)
     record["indices"] = [next(batches) for _ in range(3)]
-    loader.logical_batches.generator.manual_seed(5 + rank)  # replay the same draws for training
+    loader.logical_batches.load_state_dict(drawn_from)  # replay the same draws for training
     physical = 0
     for xb, yb in loader:
         nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
@@ -185,8 +186,9 @@ def _vit_run(rank: int) -> dict:
         data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=0.0, max_grad_norm=R,
         max_physical_batch_size=3, seed=3, loss_reduction="sum", clipping_mode="auto", clipping_style="layer-wise",
     )
+    drawn_from = loader.logical_batches.state_dict()
     indices = next(iter(loader.logical_batches))
-    loader.logical_batches.generator.manual_seed(3 + rank)  # replay the same draw
+    loader.logical_batches.load_state_dict(drawn_from)  # replay the same draw
     for xb, yb in loader:
         nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
         opt.step()

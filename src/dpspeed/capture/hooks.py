@@ -72,8 +72,10 @@ class Controller:
         self._slots = [(p, *owner_of(model, n)) for n, p in params.items()]
         self.bindings: list[Binding] = []
         self.recordings: list[Recording] = []  # one per physical batch, until clipped
-        self._batch_recording: Recording | None = None  # the current physical batch's
+        self._batch_recording: Recording | None = None  # the current physical batch's whole-batch passes'
+        self._current: Recording | None = None  # where the pass now running records
         self._batch_rows: int | None = None
+        self._parts = 0  # passes over parts of the current physical batch
         self._gradients_arrived = False  # in the current physical batch
         self._independence_checked = False
         self._sharded = any(is_sharded(p) for p in params.values())
@@ -190,29 +192,41 @@ class Controller:
             self._root_taps.enter(module, args, kwargs)  # hooks added during this call do not run in it
 
     def _begin_pass(self, rows: int | None) -> None:
-        """A recorded forward pass: the first of its physical batch starts the batch's recording;
-        another one (a second view of the same examples) is recorded into it, row by row, so that
-        each example is clipped once over all the passes."""
+        """A recorded forward pass. A pass over all of the physical batch's rows records into the
+        batch's one whole-batch recording: several such passes (two views of each example) are
+        clipped together, row i being example i in each. A pass over part of the batch (a loop over
+        examples or micro-batches, disjoint parts) gets a recording of its own. The two kinds are
+        not mixed in one physical batch, since dpspeed could not tell which rows are which."""
         self._pass_batch = rows
         self._shared = {}  # inputs of this pass stay alive in its calls: their ids are unique
-        if self._batch_recording is None:
-            self._batch_recording, self._batch_rows = {}, rows
-            self.recordings.append(self._batch_recording)
+        if self._batch_rows is None:
+            self._batch_rows = rows  # no loader told the batch's size: the first pass's
+        whole = rows == self._batch_rows
+        if (whole and self._parts) or (not whole and self._batch_recording is not None):
+            raise RuntimeError(
+                f"forward passes over all of a physical batch ({self._batch_rows} rows) and over part of it "
+                f"({rows} rows) in one step: dpspeed could not tell which rows are the same example. Pass all "
+                "rows every time (views of each example), or only disjoint parts (a loop over examples)"
+            )
+        if not whole:
+            self._parts += 1
+            self.recordings.append({})
+            self._current = self.recordings[-1]
             return
-        if self._gradients_arrived:
+        if self._batch_recording is not None and self._gradients_arrived:
             raise RuntimeError(
                 "a forward pass after a backward pass in the same physical batch: each example would be clipped "
                 "once per pass. Add the losses of all passes and call backward() once, then optimizer.step()"
             )
-        if rows != self._batch_rows:
-            raise RuntimeError(
-                f"two forward passes of one physical batch with {self._batch_rows} and {rows} rows: dpspeed takes "
-                "row i of every pass to be the same example; pass the same examples (e.g. two views) in each"
-            )
+        if self._batch_recording is None:
+            self._batch_recording = {}
+            self.recordings.append(self._batch_recording)
+        self._current = self._batch_recording
 
-    def new_physical_batch(self) -> None:
-        """The next forward pass starts a new physical batch's recording."""
-        self._batch_recording, self._batch_rows, self._gradients_arrived = None, None, False
+    def new_physical_batch(self, rows: int | None = None) -> None:
+        """The next forward pass starts a new physical batch, of `rows` examples (None: unknown)."""
+        self._batch_recording, self._current, self._batch_rows = None, None, rows
+        self._gradients_arrived, self._parts = False, 0
 
     @torch.compiler.disable
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -253,7 +267,7 @@ class Controller:
             indices.append(i)
             shapes.append((leaf.shape, leaf.dtype, leaf.device))
         call.output_spec = TapSpec(indices, shapes)
-        self._batch_recording.setdefault(binding, []).append(call)
+        self._current.setdefault(binding, []).append(call)
         return leaves
 
     def _arrived(self, binding: Binding, call: Call, slot: int, grad: torch.Tensor) -> None:
@@ -327,6 +341,7 @@ class Controller:
         return tapped
 
     def clear(self) -> None:
+        """Forget the recordings (zero_grad); the physical batch's size stays known."""
         self.recordings = []
         self._tapped = []
-        self.new_physical_batch()
+        self.new_physical_batch(self._batch_rows)
