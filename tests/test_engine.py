@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -399,27 +401,47 @@ def test_a_class_weighted_mean_is_refused():
 
 
 @pytest.mark.parametrize("mode", ["bk", "per-example", "ghost", "mix-ghost"])
-def test_no_mode_writes_a_non_finite_value_into_a_parameter(mode, caplog):
-    """A NaN input row: the one-pass modes drop the example; the two-pass modes cannot (autograd
-    multiplies its NaN activations by zero), so the step is skipped, unaccounted."""
+def test_no_mode_writes_a_non_finite_value_into_a_parameter(mode):
+    """A NaN input row: every mode drops that example and keeps the others (the two-pass modes
+    take that batch's sums by book-keeping: autograd would multiply its NaN activations by zero)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     x[2, 1] = float("nan")
+    twin = copy.deepcopy(model)
     engine, (m, opt, crit, loader) = _private(model, data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
-                                              clipping_mode=mode, criterion=nn.CrossEntropyLoss(), poisson_sampling=False)
-    before = [p.detach().clone() for p in m.parameters()]
-    with caplog.at_level("WARNING", logger="dpspeed"):
-        for xb, yb in loader:
-            crit(m(xb), yb).backward()
-            opt.step()
-            opt.zero_grad()
+                                              clipping_mode=mode, criterion=nn.CrossEntropyLoss(), poisson_sampling=False,
+                                              noise_multiplier=0.0)
+    for xb, yb in loader:
+        crit(m(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
     assert all(torch.isfinite(p).all() for p in m.parameters())
-    if mode in ("ghost", "mix-ghost"):
-        assert opt.skipped_steps == 1 and engine.accountant.steps == 0 and "step is skipped" in caplog.text
-        assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
-    else:
-        assert opt.skipped_steps == 0 and engine.accountant.steps == 1 and engine.nonfinite_examples == 1
+    assert engine.nonfinite_examples == 1 and engine.accountant.steps == 1 and opt.noise_only_steps == 0
+    keep = torch.arange(8) != 2
+    reference = PrivacyEngine()
+    twin_m, twin_opt, twin_crit, twin_loader = reference.make_private(
+        module=twin, optimizer=torch.optim.SGD(twin.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x[keep], y[keep]), batch_size=8), noise_multiplier=0.0,
+        max_grad_norm=1.0, clipping_mode="per-example", poisson_sampling=False)
+    for xb, yb in twin_loader:  # the same step without the NaN example (both divide by 8 expected)
+        twin_crit(twin_m(xb), yb).backward()
+        twin_opt.step()
+    for p, q in zip(m.parameters(), twin_m.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    engine.detach()
+    reference.detach()
+
+
+def test_a_step_whose_sums_overflow_adds_noise_only_and_is_accounted(caplog):
+    engine, m, opt, xb = _one_batch()
+    m(xb).sum().backward()
+    original = opt.reduce
+    opt.reduce = lambda: (original(), opt.summed.update({n: s * float("inf") for n, s in opt.summed.items()}))
+    with caplog.at_level("WARNING", logger="dpspeed"):
+        opt.step()
+    assert opt.noise_only_steps == 1 and engine.accountant.steps == 1 and "adds noise only" in caplog.text
+    assert all(torch.isfinite(p).all() for p in m.parameters())
     engine.detach()
 
 
@@ -451,4 +473,74 @@ def test_a_grad_scaler_is_refused_clearly():
     scaler.scale(loss).backward()
     with pytest.raises(RuntimeError, match="GradScaler is not supported"):
         scaler.step(opt)
+    engine.detach()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "mix-ghost"])
+def test_the_two_pass_modes_refuse_16_bit_autocast(mode):
+    """Their clipped sum is autograd's weight gradient, rounded to 16 bits over the whole batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = DataLoader(TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=8)
+    engine, (m, opt, crit, loader) = _private(model, data_loader=data, clipping_mode=mode,
+                                              criterion=nn.CrossEntropyLoss(), poisson_sampling=False)
+    x, y = next(iter(loader))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(m(x), y)
+    with pytest.raises(ValueError, match="Use a one-pass mode"):
+        loss.backward()
+    engine.detach()
+
+
+class _CentredInTraining(nn.Module):
+    """Centres the batch only in training mode, like a hand-written BatchNorm."""
+
+    def forward(self, x):
+        return x - x.mean(0) if self.training else x
+
+
+def test_an_evaluation_pass_first_does_not_let_a_mixing_model_through():
+    """The check runs at the first training forward pass, not at an 'initial accuracy' pass in eval()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _CentredInTraining(), nn.Linear(4, 2))
+    engine, (m, opt, loader) = _private(model, data_loader=DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4),
+                                        poisson_sampling=False)
+    m.eval()
+    with torch.no_grad():
+        m(torch.randn(6, 4))
+    m.train()
+    (xb,) = next(iter(loader))
+    with pytest.raises(ValueError, match="mixes the examples"):
+        m(xb)
+    engine.detach()
+
+
+def test_a_stateful_module_passes_the_check_and_keeps_its_state():
+    """A spectral norm's power iteration moves its buffers at every training forward: the check's
+    passes start from the same buffers (no false refusal) and leave them as they found them."""
+    from dpspeed.capture.independence import check_examples_independent
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.utils.spectral_norm(nn.Linear(8, 2)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_examples_independent(model, (torch.randn(8, 4),), {}, 8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _private(model)  # and make_private accepts it
+
+
+def test_an_output_without_per_example_rows_is_said_to_be_unchecked(caplog):
+    class Summed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x).square().sum()
+
+    engine, (m, opt, loader) = _private(Summed(), data_loader=DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4),
+                                        poisson_sampling=False)
+    (xb,) = next(iter(loader))
+    with caplog.at_level("WARNING", logger="dpspeed"):
+        m(xb)
+    assert "could not check" in caplog.text
     engine.detach()

@@ -100,7 +100,7 @@ class PrivacyEngine:
         self.sample_rate: float | None = None
         self._module: nn.Module | None = None
         self._reproducible = False  # seed= given: the random streams are part of the state
-        self._resumed = False  # the optimizer had been stepped before make_private
+        self._resumed = False  # the optimizer had state before make_private (it was stepped)
         self._restored = False  # load_state_dict was called
 
     # ------------------------------------------------------------------------------------ setup

@@ -1,8 +1,9 @@
 """The Gaussian noise of DP-SGD, and the seed policy of every random draw (noise and sampling).
 
-Seeds: unless the user passes `seed=`, the seed comes from the operating system's entropy
-(`secrets`), never from torch's global generator, which scripts seed with a constant: nobody can
-regenerate the noise or the batches. Across processes, rank 0 draws and broadcasts it
+Seeds: unless the user passes `seed=`, the seed (63 bits) comes from the operating system's
+entropy (`secrets`), never from torch's global generator, which scripts seed with a constant;
+every bit of it matters (`seeded_generator`: torch's CPU generator alone would keep 32). Across
+processes, rank 0 draws and broadcasts it
 (`parallel/data_parallel.shared_seed`). From that seed:
 - each rank's Poisson sampler: seed + rank (`sampling_seed`), so the ranks draw independently;
 - the noise of parameters every rank holds whole: seed + 7919, alike on every rank, so the noise
@@ -14,11 +15,13 @@ A user's seed makes all of this reproducible by anyone who knows it; the engine 
 The tails: torch.randn draws float32 Box-Muller pairs whose radius never exceeds 5.77 standard
 deviations, so a coordinate beyond that is impossible without the target example and possible
 with it, which δ does not account for (δ ≥ 8e-5 per step at σ = 0.5). `gaussian` draws the radius
-from an exponential that continues past float64's grid (`exponential`): the noise differs from
-an exact Gaussian only where a pair's radius would exceed `TAIL_RADIUS` (14.9 standard
-deviations), an event of probability 2^-159 per pair, so a run of T steps on d coordinates is
-within total variation T·d·2^-160 of exactly Gaussian noise; its guarantee is (ε, δ + (1 + e^ε)·
-T·d·2^-160), which for any d < 10^12, T < 10^9 and ε < 50 adds less than 10^-24 to δ.
+from an exponential that continues past float64's grid (`exponential`): its support ends at
+`TAIL_RADIUS` (14.8 standard deviations), where the Gaussian's remaining mass is 2^-159 per pair;
+that cut-off adds (1 + e^ε)·T·d·2^-160 to δ over T steps on d coordinates, less than 10^-24 for
+any d < 10^12, T < 10^9 and ε < 50. Like every floating-point sampler, the draws lie on a grid
+(finest near 0, coarser in the tails: no radius between 8.49 and 8.57 standard deviations but by
+the continuation), which the analysis of the Gaussian mechanism does not see; `secure_mode`
+hardens the noise against attacks on its low-order bits.
 """
 
 from __future__ import annotations

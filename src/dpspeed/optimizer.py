@@ -110,7 +110,7 @@ class DPOptimizer(Optimizer):
         self.summed: dict[str, torch.Tensor] = {}
         self.logical_steps = 0
         self.nonfinite_examples = 0
-        self.skipped_steps = 0  # logical batches whose sums were not finite
+        self.noise_only_steps = 0  # logical batches whose sums were not finite
         self._on_logical_step: list[Callable[[], None]] = []
         self._granted = _GrantedGradients()
         self._all_reduce: data_parallel.BucketedAllReduce | None = None
@@ -284,8 +284,7 @@ class DPOptimizer(Optimizer):
         if self.is_last_physical_batch:
             self.reduce()
             if not self._sums_are_finite():
-                self._skip_logical_step()
-                return loss
+                self._drop_the_sums()
             with section("noise"):
                 self._complete_sums()
                 self.add_noise()
@@ -315,15 +314,13 @@ class DPOptimizer(Optimizer):
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=self.topology.group)
         return not bool(found.item())
 
-    def _skip_logical_step(self) -> None:
-        """Nothing of this logical batch is released: no noise, no update, no step accounted."""
-        self.skipped_steps += 1
-        logger.warning(
-            "the clipped sums of this logical batch are not finite (an overflow, or in the ghost and mix-ghost "
-            "modes an example with non-finite values, which they cannot drop: use a one-pass mode for such "
-            "data); the step is skipped: parameters unchanged, nothing accounted (%d skipped so far)",
-            self.skipped_steps)
-        self.discard_logical_batch()
+    def _drop_the_sums(self) -> None:
+        """This logical step releases noise only, as for an empty batch, and is accounted: skipping it
+        would tell an observer that something unusual was sampled."""
+        self.noise_only_steps += 1
+        logger.warning("the clipped sums of this logical batch are not finite (an overflow): this step adds noise "
+                       "only (%d so far)", self.noise_only_steps)
+        self.summed = {}
 
     def add_param_group(self, param_group: dict) -> None:
         raise RuntimeError("add parameter groups before make_private: new parameters would not be privatised")

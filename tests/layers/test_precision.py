@@ -3,6 +3,8 @@ accuracy, and the clipping factors are computed in float32."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,54 @@ def test_ten_thousand_random_examples_each_add_at_most_r(dtype):
     scaled = factors_in(dtype, factors).view(-1, 1, 1) * g  # as clipped_matmul rounds it
     added = torch.einsum("btd,btp->bpd", a.double(), scaled.double())
     assert float(added.flatten(1).norm(dim=1).max()) <= 1.0
+
+
+def _many_positions(kind: str, scale: float, positions: int = 1024):
+    """A layer and a batch whose example 0 has the same input at every position and output
+    gradients v at all but one, -(T-1)·v at the last: its exact gradient is 0, but its terms are
+    large, and their float32 accumulation in the clipped sum need not cancel."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x, w = nn.Linear(2, 2, bias=False), torch.randn(8, positions, 2), torch.randn(8, positions, 2)
+        x[0] = scale
+        w[0, :-1], w[0, -1] = 1.0, -(positions - 1.0)
+    elif kind == "conv":
+        layer, x, w = nn.Conv1d(4, 4, 1, groups=2, bias=False), torch.randn(8, 4, positions), torch.randn(8, 4, positions)
+        x[0] = scale
+        w[0, :, :-1], w[0, :, -1] = 1.0, -(positions - 1.0)
+    else:
+        layer, x, w = nn.Embedding(4, 2), torch.randint(0, 4, (8, positions)), torch.randn(8, positions, 2)
+        x[0] = 0
+        w[0, :-1], w[0, -1] = scale, -(positions - 1) * scale
+    return layer, x, w
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+@pytest.mark.parametrize("mode", ["bk", "bk-mix-ghost", "auto"])
+def test_a_cancellation_over_many_positions_adds_at_most_r_in_float32(kind, mode):
+    for scale in (1e3, 1e7, 1e15 if kind == "conv" else 1e9):
+        layer, x, w = _many_positions(kind, scale)
+        sums = []
+        for batch in ((x, w), (x[1:], w[1:])):
+            model = copy.deepcopy(layer)
+            got, engine = private_grads(model, lambda m, b: (m(b[0]) * b[1]).sum(), batch, max_grad_norm=1.0,
+                                        clipping_mode=mode, loss_reduction="sum")
+            engine.detach()
+            sums.append(got["weight"].double())
+        assert float((sums[0] - sums[1]).norm()) <= 1.0 + 1e-6, f"scale {scale:g}"
+
+
+def test_tf32_is_read_and_switched_through_either_of_torchs_switches():
+    """Setting TF32 through fp32_precision makes reading allow_tf32 an error."""
+    from dpspeed.layers.precision import exact_float32_matmuls, product_roundoff, tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert tf32_matmuls() and product_roundoff(torch.float32, torch.device("cuda")) == 2.0**-11
+        with exact_float32_matmuls():
+            assert not tf32_matmuls()
+        assert tf32_matmuls()
+    finally:
+        matmul.fp32_precision = saved

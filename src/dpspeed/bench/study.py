@@ -16,7 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
-from ..clipping.methods import ALL_MODES
+from ..clipping.methods import ALL_MODES, TWO_PASS_MODES
 from .memory import fact_6_1, layer_sizes, peak_bytes
 from .results import recommend
 from .search import free_memory, largest_batch
@@ -142,6 +142,10 @@ class Study:
     def _setup(self, workload: Workload, base: torch.nn.Module, label: str, precision: str) -> None:
         c = self.config
         key = {"model": workload.model, "precision": precision, "setup": label}
+        if label in TWO_PASS_MODES and precision == "bf16":  # refused: their sums round to 16 bits
+            self.results["largest_batch"].append({**key, "largest": 0, "at_limit": False,
+                                                  "error": "the two-pass modes refuse 16-bit autocast"})
+            return
         try:
             setup = Setup(base, label)
         except (ValueError, RuntimeError, ImportError) as err:

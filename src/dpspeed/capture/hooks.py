@@ -179,8 +179,10 @@ class Controller:
         if just_traced:
             self._trace(args, kwargs)
         rows = _batch_of(args, kwargs)
-        # a sharded model's ranks check at their first forward together (the check gathers weights)
-        if not self._independence_checked and (self._sharded or (rows or 0) >= 2):
+        # checked at the first training forward pass (an evaluation pass may run another model: eval());
+        # a sharded model's ranks at their first together (the check gathers weights)
+        training = torch.is_grad_enabled() and module.training
+        if not self._independence_checked and training and (self._sharded or (rows or 0) >= 2):
             self._independence_checked = True
             with self.paused():
                 check_examples_independent(self.model, args, kwargs, rows or 0)

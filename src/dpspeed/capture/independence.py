@@ -12,9 +12,15 @@ such as token ids replaced by another example's).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .trace import replayable
+
+logger = logging.getLogger(__name__)
 
 #: relative change of another example's output that counts as an interaction
 TOLERANCE = 1e-3
@@ -43,21 +49,20 @@ def _batched_outputs(output, rows: int) -> list[torch.Tensor]:
 
 def check_examples_independent(model: nn.Module, args: tuple, kwargs: dict, rows: int) -> None:
     """Raise ValueError naming the output that changed when another example's inputs did. Call it
-    with recording paused; the global random state is left as it was. With fewer than two rows
-    there is nothing to compare, but the model still runs twice, so that the ranks of a sharded
-    model make the same collectives."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with recording paused; the random state and the model's buffers are left as they were. With
+    fewer than two rows there is nothing to compare, but the model still runs twice, so that the
+    ranks of a sharded model make the same collectives."""
+    with replayable(model) as rewind, torch.no_grad():
         changed_args, changed_kwargs = _changed_first_example(args, kwargs, rows) if rows >= 2 else (args, kwargs)
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        rewind()
         before = _batched_outputs(model(*args, **kwargs), rows)
-        torch.set_rng_state(cpu_state)
-        for d, state in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(state, d)
+        rewind()
         after = _batched_outputs(model(*changed_args, **changed_kwargs), rows)
     if rows < 2:
         return
+    if not before:
+        logger.warning("the model's output has no tensor with one row per example, so dpspeed could not check that "
+                       "the examples of a batch do not interact; make sure they do not")
     for k, (a, b) in enumerate(zip(before, after)):
         others_a, others_b = a[1:].double(), b[1:].double()
         same = (others_a == others_b) | (others_a.isnan() & others_b.isnan())

@@ -8,8 +8,10 @@ and that contains it.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -81,12 +83,34 @@ class _UseRecorder(TorchFunctionMode):
         return out
 
 
-def _rng_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+@contextlib.contextmanager
+def replayable(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Run the model without leaving a trace: yields `rewind()`, which puts the random state and the
+    model's buffers (a spectral norm's power iteration) back as they were on entry; on exit both
+    are restored."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    with torch.random.fork_rng(devices=devices):
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def rewind() -> None:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+
+        try:
+            yield rewind
+        finally:
+            rewind()
 
 
 def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, kwargs: dict) -> ParameterUses:
-    """Run `model(*args, **kwargs)` once without gradients and with the RNG state restored after.
+    """Run `model(*args, **kwargs)` once without gradients, the random state and the buffers restored
+    after.
 
     Tensors computed from the model's inputs are followed through every torch call, to tell which
     modules see batched inputs."""
@@ -119,7 +143,7 @@ def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, k
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(module.register_forward_hook(leave, always_call=True))
     try:
-        with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad(), recorder:
+        with replayable(model), torch.no_grad(), recorder:
             model(*args, **kwargs)
     finally:
         for handle in handles:

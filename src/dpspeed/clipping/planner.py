@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture.records import Binding, Call
+from ..layers.precision import tf32_matmuls
 from .methods import EXPLICIT, GHOST_BK, LayerMethod
 
 
@@ -38,7 +39,7 @@ def _balance(device: torch.device, dtype: torch.dtype) -> float:
         return 10.0
     if dtype in (torch.bfloat16, torch.float16):
         return 250.0
-    return 130.0 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else 20.0
+    return 130.0 if dtype == torch.float32 and tf32_matmuls() else 20.0
 
 
 def default_budget(device: torch.device) -> int | None:

@@ -89,20 +89,33 @@ class DPLossValue:
         optimizer = self.loss.optimizer
         tapped = optimizer.controller.take_tapped()
         recordings = optimizer.controller.take_recordings_now()
+        if any(t.dtype in (torch.bfloat16, torch.float16) for t in tapped):
+            raise ValueError(
+                "ghost and mix-ghost take the clipped sum from autograd's weight gradients, which 16-bit autocast "
+                "rounds to 16 bits over the whole batch: one example could move that rounding by about "
+                "batch_size / 256 · max_grad_norm. Use a one-pass mode (bk, auto) under bf16 or fp16 autocast"
+            )
         if tapped:
             torch.autograd.grad(self.per_example.sum(), tapped, retain_graph=True, allow_unused=True)
-        factors = None
         config = optimizer.clipping.of_unreduced_losses()
-        for recorded in recordings:
-            with section("norms"):
-                pf = clip_factors(recorded, config, optimizer.row_mask)
+        with section("norms"):
+            computed = [clip_factors(recorded, config, optimizer.row_mask) for recorded in recordings]
+        if any(pf is not None and pf.nonfinite for pf in computed):
+            # autograd would multiply a non-finite example's activations by its zero factor (NaN):
+            # this batch's clipped sums come by book-keeping instead, without that example
+            for recorded in recordings:
+                optimizer.clip_and_add(recorded, config)
+            return None
+        factors = None
+        for recorded, pf in zip(recordings, computed):
             release(recorded)
             if pf is not None:
                 factors = pf.factors[0]
-                optimizer.note_nonfinite(pf.nonfinite)
         return torch.zeros_like(self.per_example) if factors is None else factors
 
     def backward(self) -> None:
         factors = self._factors()
+        if factors is None:
+            return  # the sums are in the optimizer already
         weighted = torch.where(factors > 0, factors.to(self.per_example.dtype) * self.per_example, 0.0)
         weighted.sum().backward()  # second pass: autograd's weight gradients are the clipped sum

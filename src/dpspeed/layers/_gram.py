@@ -3,12 +3,9 @@ book-keeping clipped sum, for activations a (B, T, d) and output gradients g (B,
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 
-from .precision import accumulated_mm, factors_in, gram_error, to_acc
+from .precision import accumulated_mm, exact_float32_matmuls, factors_in, gram_error, to_acc
 
 
 def aligned_positions(t: torch.Tensor) -> torch.Tensor:
@@ -17,17 +14,6 @@ def aligned_positions(t: torch.Tensor) -> torch.Tensor:
     Zero rows add nothing to a Gram inner product."""
     pad = -t.shape[1] % 8
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
-
-
-@contextlib.contextmanager
-def _exact_float32_products() -> Iterator[None]:
-    """CUDA float32 matmuls without TF32 (its 10-bit operands would blur a cancellation)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +26,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, TypeError):  # a torch without out_dtype: the float32 copy below
             pass
     x = to_acc(x)
-    with _exact_float32_products():
+    with exact_float32_matmuls():
         return torch.bmm(x, x.transpose(1, 2))
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import ghost_sq_norm, spread
-from .precision import accumulated_bmm, compute_dtype, factors_in, product_roundoff, to_acc, weighted_sum
+from .precision import (accumulated_bmm, accumulation_roundoff, compute_dtype, factors_in, product_roundoff, to_acc,
+                        weighted_sum)
 from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -92,16 +93,18 @@ class ConvRule(LayerRule):
         return out
 
     def sum_rounding(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        """The weight's book-keeping product rounds its factor-scaled operand: per group of channels
-        product_roundoff · sum over positions of ||patch||·||g||, their root-sum-square over the
-        groups (the groups are blocks of the weight)."""
+        """The weight's book-keeping product rounds its factor-scaled operand and accumulates each
+        example's L positions: per group of channels (product_roundoff + L · accumulation roundoff) ·
+        sum over positions of ||patch||·||g||, their root-sum-square over the groups (the groups are
+        blocks of the weight)."""
         if "weight" not in names:
             return {}
         a, g = self._operands(module, call)
         batch, groups = g.shape[:2]
         per_group = spread(a.transpose(2, 3).reshape(batch * groups, a.shape[3], a.shape[2]),
                            g.transpose(2, 3).reshape(batch * groups, g.shape[3], g.shape[2]))
-        return {"weight": product_roundoff(g.dtype, g.device) * per_group.reshape(batch, groups).norm(dim=1)}
+        rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, g.shape[3])
+        return {"weight": rounding * per_group.reshape(batch, groups).norm(dim=1)}
 
     def costs(self, module: ConvNd, call: Call) -> tuple[float, float]:
         g = call.grad()

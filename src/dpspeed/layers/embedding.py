@@ -7,7 +7,7 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import gram
-from .precision import acc_dtype, gram_error, product_roundoff, to_acc
+from .precision import acc_dtype, accumulation_roundoff, gram_error, product_roundoff, to_acc
 from .rule import LayerRule
 
 
@@ -47,10 +47,12 @@ class EmbeddingRule(LayerRule):
         return {"weight": (grams * same_token).sum((1, 2)).clamp(min=0) + gram_error(grams.dtype) * spread.square()}
 
     def sum_rounding(self, module: nn.Embedding, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        """The clipped sum scales each g_t by its factor in float32: product_roundoff · sum_t ||g_t||."""
+        """The clipped sum scales each g_t by its factor in float32 and adds up the positions of a
+        token (at most T): (product_roundoff + T · accumulation roundoff) · sum_t ||g_t||."""
         ids, g = _operands(module, call)
         norms = torch.linalg.vector_norm(g, dim=-1, dtype=acc_dtype(g.dtype))
-        return {"weight": product_roundoff(acc_dtype(g.dtype), g.device, matmul=False) * norms.sum(1)}
+        rounding = product_roundoff(acc_dtype(g.dtype), g.device, matmul=False) + accumulation_roundoff(g.dtype, g.shape[1])
+        return {"weight": rounding * norms.sum(1)}
 
     def clipped_sum(self, module: nn.Embedding, call: Call, names, factors) -> dict[str, torch.Tensor]:
         ids, g = _operands(module, call)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import clipped_matmul, ghost_sq_norm, spread
-from .precision import compute_dtype, product_roundoff, to_acc, weighted_sum
+from .precision import accumulation_roundoff, compute_dtype, product_roundoff, to_acc, weighted_sum
 from .rule import LayerRule
 
 
@@ -54,12 +54,14 @@ class LinearRule(LayerRule):
         return out
 
     def sum_rounding(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        """The weight's book-keeping product rounds its factor-scaled operand (the bias's sum is
-        exact): product_roundoff · sum_t ||a_t||·||g_t||."""
+        """The weight's book-keeping product rounds its factor-scaled operand and accumulates the T
+        products of each example (the bias's sum is exact): (product_roundoff + T · accumulation
+        roundoff) · sum_t ||a_t||·||g_t||."""
         if "weight" not in names:
             return {}
         a, g = flatten_positions(call.input(), call.grad())
-        return {"weight": product_roundoff(g.dtype, g.device) * spread(a, g)}
+        rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, g.shape[1])
+        return {"weight": rounding * spread(a, g)}
 
     def costs(self, module: nn.Linear, call: Call) -> tuple[float, float]:
         a = call.input()

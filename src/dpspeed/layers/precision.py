@@ -22,7 +22,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 
@@ -46,12 +48,46 @@ def compute_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
     return (a if a.dtype == g.dtype else a.to(g.dtype)), g
 
 
+def tf32_matmuls() -> bool:
+    """Whether CUDA float32 matmuls run in TF32, set through either of torch's two switches."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # set through fp32_precision, which makes reading allow_tf32 an error
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+
+
+@contextlib.contextmanager
+def exact_float32_matmuls() -> Iterator[None]:
+    """CUDA float32 matmuls without TF32 inside (its 10-bit operands would blur a cancellation),
+    through whichever switch is in use."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        restore = lambda: setattr(matmul, "allow_tf32", previous)  # noqa: E731
+    except RuntimeError:
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        restore = lambda: setattr(matmul, "fp32_precision", previous)  # noqa: E731
+    try:
+        yield
+    finally:
+        restore()
+
+
 def product_roundoff(dtype: torch.dtype, device: torch.device, matmul: bool = True) -> float:
     """The unit roundoff of a product's operands as they are multiplied: bf16 2^-8, fp16 2^-11,
     float32 2^-24 (2^-11 in CUDA matmuls with TF32 on), float64 2^-53."""
-    if matmul and dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if matmul and dtype == torch.float32 and device.type == "cuda" and tf32_matmuls():
         return 2.0**-11
     return torch.finfo(dtype).eps / 2
+
+
+def accumulation_roundoff(dtype: torch.dtype, terms: int) -> float:
+    """A bound on the relative rounding of a sum of `terms` products of one example accumulated in
+    dtype's accumulation dtype: terms × its unit roundoff."""
+    return terms * torch.finfo(acc_dtype(dtype)).eps / 2
 
 
 def gram_error(dtype: torch.dtype) -> float:
