@@ -33,7 +33,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         #: secure_mode: each batch from a secure stream, rekeyed from the operating system; no state
         self.secure = SecureStream(lambda: secrets.token_bytes(32)) if secure else None
-        self.generator = seeded_generator(sampling_seed(seed, rank) if not secure else 0)  # ranks draw independently
+        self.generator = None if secure else seeded_generator(sampling_seed(seed, rank))  # ranks draw independently
 
     def __len__(self) -> int:
         return self.steps

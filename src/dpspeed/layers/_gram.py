@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .precision import accumulated_mm, exact_float32_matmuls, factors_in, gram_error, to_acc
+from .precision import accumulated_bmm, accumulated_mm, exact_float32_matmuls, factors_in, gram_error, to_acc
 
 
 def aligned_positions(t: torch.Tensor) -> torch.Tensor:
@@ -20,14 +20,8 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     """x_i x_i^T for x (B, T, k), in float32 (float64 for float64): 16-bit operands multiply
     exactly into float32 on the tensor cores; float32 ones without TF32."""
     x = aligned_positions(x)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without out_dtype: the float32 copy below
-            pass
-    x = to_acc(x)
     with exact_float32_matmuls():
-        return torch.bmm(x, x.transpose(1, 2))
+        return accumulated_bmm(x, x.transpose(1, 2))
 
 
 def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
@@ -44,8 +38,8 @@ def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) 
             shared["gram"] = gram_a
     gram_g = gram(g)
     inner = torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1)).clamp(min=0)
-    spread = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)
-    return inner + gram_error(gram_g.dtype) * spread.square()
+    m = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)
+    return inner + gram_error(gram_g.dtype) * m.square()
 
 
 def spread(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

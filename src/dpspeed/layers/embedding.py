@@ -43,8 +43,8 @@ class EmbeddingRule(LayerRule):
         ids, g = _operands(module, call)
         same_token = ids.unsqueeze(2) == ids.unsqueeze(1)
         grams = gram(g)[:, : ids.shape[1], : ids.shape[1]]
-        spread = torch.diagonal(grams, dim1=1, dim2=2).sqrt().sum(1)
-        return {"weight": (grams * same_token).sum((1, 2)).clamp(min=0) + gram_error(grams.dtype) * spread.square()}
+        m = torch.diagonal(grams, dim1=1, dim2=2).sqrt().sum(1)  # sum_t ||g_t||
+        return {"weight": (grams * same_token).sum((1, 2)).clamp(min=0) + gram_error(grams.dtype) * m.square()}
 
     def sum_rounding(self, module: nn.Embedding, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """The clipped sum scales each g_t by its factor in float32 and adds up the positions of a
