@@ -29,7 +29,7 @@ def seconds(source, coordinates: int, device: torch.device, repeats: int) -> flo
         sync(device)
         start = time.perf_counter()
         source.new_step()
-        source.add_to(total, 1.0)
+        source.add_to([total], 1.0)
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

@@ -137,7 +137,7 @@ def test_noise_reaches_every_coordinate_of_any_layout():
     channels_last = torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)
     large = torch.zeros((1 << 18) * 2 + 3)  # more than one chunk
     for total in (channels_last, large):
-        source.add_to(total, std=2.0)
+        source.add_to([total], std=2.0)
         assert (total != 0).all() and abs(float(total.std()) - 2.0) < 0.1
 
 
@@ -207,3 +207,14 @@ def test_every_bit_of_the_seed_matters_on_the_cpu():
     assert list(PoissonBatchSampler(100, 0.3, steps=2, seed=low)) != list(PoissonBatchSampler(100, 0.3, steps=2, seed=high))
     draws = torch.rand(1_000_000, generator=seeded_generator(high))
     assert abs(float(draws.mean()) - 0.5) < 2e-3 and abs(float(draws.var()) - 1 / 12) < 1e-3
+
+
+def test_noise_drawn_across_many_tensors_reaches_each_coordinate_once():
+    """The tensors of a step are drawn as one sequence, chunks running across their boundaries."""
+    source = NoiseSource.create(None, seed=2, world=1, sharded=False, device=torch.device("cpu"))
+    totals = [torch.zeros(n) for n in (0, 3, (1 << 18) + 5, 7, 1 << 18)] + [torch.zeros(2, dtype=torch.float64)]
+    source.add_to(totals, std=3.0)
+    flat = torch.cat([t.float() for t in totals])
+    assert (flat != 0).all() and abs(float(flat.std()) - 3.0) < 0.05
+    assert totals[-1].dtype == torch.float64
+    assert not torch.equal(totals[1], totals[3][:3])  # no piece of the stream is used twice

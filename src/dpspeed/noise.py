@@ -42,7 +42,7 @@ ROUNDS = 3
 TAIL_RADIUS = math.sqrt(2 * ROUNDS * GRID_END)
 #: coordinates drawn at once: the temporaries take 8 bytes per coordinate of a chunk, a few MB on
 #: the CPU; a GPU takes larger chunks, in fewer kernel launches
-_CHUNK = {"cpu": 1 << 18}
+_CHUNK = {"cpu": 1 << 16}
 _DEVICE_CHUNK = 1 << 22
 
 Uniform = Callable[[int], torch.Tensor]  # n -> n float64 draws, uniform on [0, 1)
@@ -109,15 +109,38 @@ def gaussian(n: int, uniform: Uniform, dtype: torch.dtype = torch.float64) -> to
     return out[:n]
 
 
-def _add_noise(total: torch.Tensor, std: float, draw: Callable[[int, torch.dtype], torch.Tensor]) -> None:
-    """total += std · draw(n, dtype), in chunks (a few MB of temporaries on the CPU)."""
-    if not total.is_contiguous():  # (a channels-last gradient): one draw of its whole size
-        total.add_(draw(total.numel(), total.dtype).view(total.shape), alpha=std)
+def _add_noise(totals: list[torch.Tensor], std: float, draw: Callable[[int, torch.dtype], torch.Tensor]) -> None:
+    """Each total += std · draw(n, dtype), the totals (of one device and dtype) taken as one
+    sequence of coordinates drawn in chunks: the draw's dozens of operations run per chunk (a few
+    MB of temporaries on the CPU), not per tensor, of which a model has hundreds."""
+    flats = []
+    for total in totals:
+        if not total.is_contiguous():  # (a channels-last gradient): one draw of its whole size
+            total.add_(draw(total.numel(), total.dtype).view(total.shape), alpha=std)
+        elif total.numel():
+            flats.append(total.view(-1))
+    if not flats:
         return
-    flat, chunk = total.view(-1), _CHUNK.get(total.device.type, _DEVICE_CHUNK)
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk]
-        part.add_(draw(part.numel(), part.dtype), alpha=std)
+    chunk, left = _CHUNK.get(flats[0].device.type, _DEVICE_CHUNK), sum(f.numel() for f in flats)
+    index, offset = 0, 0  # the next coordinate to fill: flats[index][offset]
+    while left:
+        noise = draw(min(chunk, left), flats[0].dtype)
+        left -= noise.numel()
+        used = 0
+        while used < noise.numel():
+            take = min(noise.numel() - used, flats[index].numel() - offset)
+            flats[index][offset : offset + take].add_(noise[used : used + take], alpha=std)
+            used, offset = used + take, offset + take
+            if offset == flats[index].numel():
+                index, offset = index + 1, 0
+
+
+def _by_device_and_dtype(totals: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """The totals grouped by (device, dtype), each group in the given order (the same on every rank)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for total in totals:
+        groups.setdefault((total.device, total.dtype), []).append(total)
+    return groups
 
 
 def _uniform(generator: torch.Generator | None, device: torch.device) -> Uniform:
@@ -160,11 +183,12 @@ class NoiseSource:
             self._replicated[device] = seeded_generator(seed, device)
         return self._replicated[device]
 
-    def add_to(self, total: torch.Tensor, std: float, sharded: bool = False) -> None:
-        """total += N(0, std²) per coordinate, in place, with no cut-off in the tails."""
-        generator = self.sharded if sharded and self.sharded is not None else self.generator_for(total.device)
-        uniform = _uniform(generator, total.device)
-        _add_noise(total, std, lambda n, dtype: gaussian(n, uniform, dtype))
+    def add_to(self, totals: list[torch.Tensor], std: float, sharded: bool = False) -> None:
+        """Each total += N(0, std²) per coordinate, in place, with no cut-off in the tails."""
+        for (device, _), group in _by_device_and_dtype(totals).items():
+            generator = self.sharded if sharded and self.sharded is not None else self.generator_for(device)
+            uniform = _uniform(generator, device)
+            _add_noise(group, std, lambda n, dtype: gaussian(n, uniform, dtype))
 
     def new_step(self) -> None:
         """A new logical step (the streams simply go on)."""
@@ -229,9 +253,11 @@ class SecureNoiseSource:
         self.replicated.rekey()
         self.sharded.rekey()
 
-    def add_to(self, total: torch.Tensor, std: float, sharded: bool = False) -> None:
-        uniform = (self.sharded if sharded else self.replicated).uniform(total.device)
-        _add_noise(total, std, lambda n, dtype: secure_gaussian(n, uniform, dtype))
+    def add_to(self, totals: list[torch.Tensor], std: float, sharded: bool = False) -> None:
+        """Each total += N(0, std²) per coordinate, in place."""
+        for (device, _), group in _by_device_and_dtype(totals).items():
+            uniform = (self.sharded if sharded else self.replicated).uniform(device)
+            _add_noise(group, std, lambda n, dtype: secure_gaussian(n, uniform, dtype))
 
     def state_dict(self) -> dict:
         return {}

@@ -249,8 +249,9 @@ class DPOptimizer(Optimizer):
         std = self.noise_multiplier * self.clipping.grouping.total_threshold
         self.noise.new_step()
         if std > 0:
-            for name, total in self.summed.items():
-                self.noise.add_to(total, std, sharded=name in self.topology.shards)
+            shards = self.topology.shards
+            self.noise.add_to([s for n, s in self.summed.items() if n not in shards], std)
+            self.noise.add_to([s for n, s in self.summed.items() if n in shards], std, sharded=True)
 
     def scale(self) -> None:
         """A mean-reduced loss: divide by the expected batch size, not the realised one."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,22 @@ class BenchConfig:
     bandwidth: float = 25e9  # --scaling: bytes/s per link for the model at 8, 32 and 80 processes
 
 
+def source_commit() -> str | None:
+    """The git commit of dpspeed's source tree ("+dirty" when it has uncommitted changes), or None
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "pyproject.toml").exists():  # an installed copy, not the checkout
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def environment(device: torch.device) -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "dpspeed": __version__}
     for package in ("timm", "transformers", "opacus"):
@@ -62,7 +79,7 @@ def environment(device: torch.device) -> dict:
             pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"device": name, "device_type": device.type, "threads": torch.get_num_threads(),
-            "versions": versions, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "versions": versions, "commit": source_commit(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 class OverMemoryLimit(torch.OutOfMemoryError):
