@@ -24,6 +24,7 @@ from ..layers.rule import LayerRule
 from ..parallel.fsdp import is_sharded
 from .bindings import bind_parameters, owner_of
 from .independence import check_examples_independent
+from .loss_check import watch_loss
 from .op_taps import OpTaps
 from .records import Binding, Call, OpUse, Recording, TapSpec
 from .trace import trace_uses
@@ -78,6 +79,7 @@ class Controller:
         self._parts = 0  # passes over parts of the current physical batch
         self._gradients_arrived = False  # in the current physical batch
         self._independence_checked = False
+        self._watch_rows: int | None = None  # the first training pass's batch: its output is watched to the loss
         self._sharded = any(is_sharded(p) for p in params.values())
         self.first_use_order: list[str] = list(params)
         self.traced = False
@@ -186,6 +188,7 @@ class Controller:
             self._independence_checked = True
             with self.paused():
                 check_examples_independent(self.model, args, kwargs, rows or 0)
+            self._watch_rows = rows
         if torch.is_grad_enabled():
             self._begin_pass(rows)
             if not self.param_grads:
@@ -231,9 +234,13 @@ class Controller:
         self._gradients_arrived, self._parts = False, 0
 
     @torch.compiler.disable
-    def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if not self._paused and not self.param_grads:
+    def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if self._paused:
+            return None
+        if not self.param_grads:
             self._set_requires_grad(True)
+        rows, self._watch_rows = self._watch_rows, None
+        return watch_loss(output, rows, self.paused, self._sharded) if rows is not None and rows >= 2 else None
 
     def _anchor(self, device: torch.device) -> torch.Tensor:
         """A zero that requires grad: added to an output that would otherwise not need a gradient."""
@@ -273,6 +280,8 @@ class Controller:
         return leaves
 
     def _arrived(self, binding: Binding, call: Call, slot: int, grad: torch.Tensor) -> None:
+        if self._paused:
+            return  # a derivative taken by a check, not the training's backward pass
         if not self.param_grads and (call.released or call.output_grads[slot] is not None):
             raise RuntimeError(
                 "a second backward pass through the same forward pass: its gradients would reach no clipped sum. "
