@@ -140,3 +140,35 @@ def test_a_loss_computed_inside_the_model_is_checked_against_its_logits():
     with pytest.raises(ValueError, match="the loss mixes the examples of a batch"):
         m(xb, yb)["loss"].backward()
     engine.detach()
+
+
+@pytest.mark.parametrize("call", ["ignored targets", "class weights", "criterion module"])
+def test_a_mean_whose_denominator_the_batch_sets_is_refused(call):
+    """Token cross-entropy averaged over the batch's kept tokens, or a class-weighted mean: the
+    count divides every example's loss, and one example moves it."""
+    engine, m, opt, loader = _private("bk")
+    xb, yb = next(iter(loader))
+    yb = yb.clone()
+    yb[3] = -100
+    losses = {
+        "ignored targets": lambda out: F.cross_entropy(out, yb),
+        "class weights": lambda out: F.nll_loss(out.log_softmax(1), yb.clamp(min=0), weight=torch.tensor([1.0, 2.0, 3.0])),
+        "criterion module": lambda out: nn.CrossEntropyLoss(ignore_index=-100)(out, yb),
+    }
+    with pytest.raises(ValueError, match="divides by a count the whole batch sets"):
+        losses[call](m(xb))
+    engine.detach()
+
+
+def test_a_mean_over_kept_targets_of_each_example_passes():
+    """Each example's own mean over its kept tokens, then the mean over examples: separable."""
+    engine, m, opt, loader = _private("bk", model=nn.Linear(4, 3 * 5))
+    xb, _ = next(iter(loader))
+    tokens = torch.randint(0, 3, (len(xb), 5))
+    tokens[:, -1] = -100
+    out = m(xb).view(len(xb), 3, 5)
+    per_token = F.cross_entropy(out, tokens, reduction="none")
+    kept = (tokens != -100).sum(1)
+    (per_token.sum(1) / kept).mean().backward()
+    opt.step()
+    engine.detach()

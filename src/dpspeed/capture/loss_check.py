@@ -1,24 +1,28 @@
-"""Examples must not interact in the loss either: the check, made at the first training step's
-backward pass, that the loss is a sum of terms each depending on one example's outputs.
+"""Examples must not interact in the loss either: the checks, made at the first training step,
+that the loss is a sum of terms each depending on one example's outputs.
 
 The model-side check (`independence.py`) cannot see what the user computes from the model's
 outputs. So the outputs of the first training forward pass are handed back as `WatchedTensor`s,
-which follow the loss computation through every torch call, and two things are checked:
+which follow the loss computation through every torch call, and three things are checked:
 - a broadcast that expands an output against a tensor whose batch dimension is laid out
   differently (a (B, 1) output against (B,) targets, which compares every example with every
   other) is refused at the call that makes it;
+- `cross_entropy` and `nll_loss` with `reduction="mean"` over targets some of which are ignored
+  (`ignore_index`) or weighted by class divide by a count the whole batch sets, and are refused;
 - when `backward()` is called on a watched loss, the part of the graph between the loss and the
   outputs is differentiated twice: for a loss that is a sum of per-example terms, the Hessian
   with respect to the outputs has no block linking two examples, so a Hessian-vector product
-  with a probe on example 0 only is exactly zero on every other example. A contrastive loss, a
+  with a probe on one example is exactly zero on every other example. A contrastive loss, a
   batch-mean penalty or a normalisation over the batch gives a non-zero there, and is refused.
-A loss whose only link between examples is a constant of the batch (a mean whose denominator
-counts the batch's non-ignored tokens) is not seen. After the check, torch calls on watched
-tensors return plain tensors.
+  A loss computed inside the model is differentiated against the model's own outputs.
+Not seen: a mean whose denominator the batch sets, computed by other code than torch's two losses
+(or inside the model), and anything after the first step. After the check, torch calls on
+watched tensors return plain tensors.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, ContextManager
 
@@ -36,6 +40,9 @@ _ELEMENTWISE = {
     torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__,
     torch.Tensor.__pow__, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
 }
+
+#: the losses whose mean divides by a count that the batch's targets set (kept or weighted targets)
+_TARGET_MEANS = {F.cross_entropy, F.nll_loss}
 
 #: a value of the Hessian-vector product on another example, relative to example 0's, that counts
 #: as a link (for a per-example loss it is exactly zero)
@@ -73,6 +80,27 @@ class LossWatch:
             f"dimensions ({self.rows} examples) do not line up, so every example meets every other in the loss, "
             "and no clipping bounds what one example then contributes. Give them the same shape (e.g. "
             "output.squeeze(-1), or target.unsqueeze(-1))"
+        )
+
+    def check_mean_denominator(self, func, args: tuple, kwargs: dict) -> None:
+        """Refuse a mean over the batch's targets whose denominator depends on the other examples:
+        class weights, or targets left out by ignore_index."""
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        if call["reduction"] != "mean" or call["size_average"] is not None or call["reduce"] is not None:
+            return
+        target = call["target"]
+        ignored = not target.is_floating_point() and bool((target == call["ignore_index"]).any())
+        if call["weight"] is None and not ignored:
+            return
+        why = "weights its targets by class" if call["weight"] is not None else (
+            f"leaves out targets equal to ignore_index={call['ignore_index']}")
+        raise ValueError(
+            f"{func.__name__}(reduction='mean') {why}, so it divides by a count the whole batch sets and no "
+            "example's gradient is its own: one example could move every other's. Take each example's own loss "
+            "(reduction='none', then sum or average over that example's targets) and average those over the batch, "
+            "or use reduction='sum' with loss_reduction='sum'"
         )
 
     def check_loss(self, loss: torch.Tensor) -> None:
@@ -150,6 +178,8 @@ class WatchedTensor(torch.Tensor):
                 return func(*args, **kwargs)
         if func in _ELEMENTWISE:
             watch.check_broadcast(func, args, kwargs)
+        if func in _TARGET_MEANS:
+            watch.check_mean_denominator(func, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
             return _watched(out, watch)
