@@ -112,3 +112,39 @@ def test_calibration_reaches_a_tiny_target_where_rdp_is_far_looser_than_pld():
     sigma = noise_for_epsilon(1e-3, 1e-5, 0.01, 1000)
     assert epsilon_at("pld", sigma, 0.01, 1000, 1e-5) <= 1e-3 * 1.0001
     assert epsilon_at("pld", sigma * 0.99, 0.01, 1000, 1e-5) > 1e-3
+
+
+def test_the_private_optimizers_checkpoint_carries_the_privacy_state():
+    """A checkpoint of model and optimizer alone (plain SGD: no optimizer state of its own) resumes
+    epsilon where it stopped; an optimizer state dict without the privacy state gets no epsilon."""
+    model = nn.Linear(3, 1)
+    data = DataLoader(TensorDataset(torch.randn(40, 3), torch.randn(40, 1)), batch_size=10)
+
+    def private(engine, optimizer):
+        return engine.make_private(module=model, optimizer=optimizer, data_loader=data, noise_multiplier=1.0,
+                                   max_grad_norm=1.0)
+
+    first = PrivacyEngine()
+    m, opt, loader = private(first, torch.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in loader:
+        (m(x) - y).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    checkpoint = opt.state_dict()
+    assert checkpoint["dpspeed"]["logical_steps"] == first.accountant.steps > 0
+    first.detach()
+
+    resumed = PrivacyEngine()
+    _, opt, _ = private(resumed, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert resumed.get_epsilon(1e-5) == 0
+    opt.load_state_dict(checkpoint)
+    assert resumed.get_epsilon(1e-5) == first.get_epsilon(1e-5)
+    assert opt.param_groups is opt.original_optimizer.param_groups
+    resumed.detach()
+
+    foreign = PrivacyEngine()
+    _, opt, _ = private(foreign, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+    with pytest.raises(ValueError, match="privacy state was not restored"):
+        foreign.get_epsilon(1e-5)
+    foreign.detach()

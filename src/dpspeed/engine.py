@@ -44,10 +44,11 @@ NOT_POISSON = (
     "dpspeed accounts only for Poisson-sampled batches: there is no epsilon for this run"
 )
 NOT_RESTORED = (
-    "the optimizer had state before make_private (it was trained before), but the engine's privacy "
-    "state was not restored: epsilon would count this run's steps only. Call "
-    "engine.load_state_dict(...) with what engine.state_dict() saved; if the earlier training did not "
-    "use this private data, start from a fresh optimizer"
+    "this run continues an earlier training (the optimizer had state before make_private, or was loaded from "
+    "a state dict without dpspeed's privacy state), but the engine's privacy state was not restored: epsilon "
+    "would count this run's steps only. Load the private optimizer's own state dict, or call "
+    "engine.load_state_dict(...) with what engine.state_dict() saved; if the earlier training did not use "
+    "this private data, start from a fresh optimizer"
 )
 
 
@@ -148,6 +149,7 @@ class PrivacyEngine:
                                    noise, noise_multiplier, float(data_loader.batch_size), topology)
         controller = _wire(dp_optimizer, loader)
         dp_optimizer.on_logical_step(self._account_step)
+        dp_optimizer.privacy_state = (self.state_dict, self.load_state_dict, self._resumed_without_privacy)
         topology.broadcast_state(module)
         controller.attach()
         _ATTACHED.add(module)
@@ -256,6 +258,12 @@ class PrivacyEngine:
         if "random" in state and self.optimizer is not None:
             self.data_loader.load_state_dict(state["random"]["sampler"])
             self.optimizer.noise.load_state_dict(state["random"]["noise"])
+
+    def _resumed_without_privacy(self) -> None:
+        if not self._restored:
+            logger.warning("the optimizer was loaded from a state dict without dpspeed's privacy state: epsilon is "
+                           "refused until engine.load_state_dict restores it")
+            self._resumed = True
 
     def detach(self) -> None:
         """Remove every hook; the model is as it was (same object, parameters, requires_grad)."""

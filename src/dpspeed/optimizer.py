@@ -114,6 +114,9 @@ class DPOptimizer(Optimizer):
         self._on_logical_step: list[Callable[[], None]] = []
         self._granted = _GrantedGradients()
         self._all_reduce: data_parallel.BucketedAllReduce | None = None
+        #: the engine's privacy state (save, restore, and what to do without it): in every checkpoint
+        #: of this optimizer, so that resuming the optimizer cannot leave the accountant behind
+        self.privacy_state: tuple[Callable[[], dict], Callable[[dict], None], Callable[[], None]] | None = None
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
@@ -140,6 +143,28 @@ class DPOptimizer(Optimizer):
             )
         self.controller.new_physical_batch(rows)
         self.is_last_physical_batch, self.row_mask, self._announced = last, row_mask, True
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state dict, with the engine's privacy state under "dpspeed"."""
+        state = self.original_optimizer.state_dict()
+        if self.privacy_state is not None:
+            state["dpspeed"] = self.privacy_state[0]()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the wrapped optimizer and, from a checkpoint of this optimizer, the engine's
+        privacy state; a state dict without it (a non-private optimizer's) leaves epsilon refused
+        until the engine's state is restored."""
+        state_dict = dict(state_dict)
+        privacy = state_dict.pop("dpspeed", None)
+        self.original_optimizer.load_state_dict(state_dict)
+        self.param_groups, self.state = self.original_optimizer.param_groups, self.original_optimizer.state
+        if self.privacy_state is not None:
+            if privacy is not None:
+                self.privacy_state[1](privacy)
+            else:
+                self.privacy_state[2]()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the parameters' gradients and unconsumed recordings; clipped sums of earlier
