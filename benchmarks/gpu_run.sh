@@ -6,6 +6,7 @@
 #     benchmarks/gpu_run.sh env check scaling largest  # exactness on CUDA, a digits run, N = 1 scaling, largest ViT
 #     benchmarks/gpu_run.sh bench-vit                  # dpspeed bench, ViT-base, bf16, Opacus beside
 #     benchmarks/gpu_run.sh bench-bit speed-tf32 speed-fp32  # BiT-ResNet-50x1 bench; ViT-base side by side
+#     benchmarks/gpu_run.sh kernel speed-bf16          # the fused ghost norm, then today's path beside it
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -69,6 +70,13 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
     profile)
         stage profile 80 python3 benchmarks/profile_step.py --model timm:vit_base_patch16_224 --image-size 224 \
             --mode bk --batch 32 512 --precision bf16 --rows 30 ;;
+    kernel)  # the fused ghost norm: correctness on CUDA, then its time against the torch path, then a step with it
+        stage kernel 240 bash -c "python3 -m pytest -p no:cacheprovider -x -q tests/kernels && \
+            for p in bf16 fp32; do python3 -m benchmarks.ghost_norm_kernel --device cuda --dtype \$p \
+            --out /tmp/stages/kernel/ghost_norm_kernel_\$p.json; done && \
+            DPSPEED_FUSED_GHOST_NORM=1 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
+            --device cuda --precision bf16 --batch 256 --modes non-private bk --repeats 4 --warmup 1 \
+            --out /tmp/stages/kernel/speed_vit_base_bf16_fused.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done

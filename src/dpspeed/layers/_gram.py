@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import ghost_norm as fused
 from .precision import accumulated_bmm, accumulated_mm, exact_float32_matmuls, factors_in, gram_error, to_acc
 
 
@@ -28,9 +29,13 @@ def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) 
     """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), from Gram matrices
     in float32 (16-bit operands multiply exactly into float32 on the tensor cores), raised by
     gram_error · M^2 for their rounding (precision.py), M = sum_t ||a_t||·||g_t|| from the Grams'
-    diagonals. `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v)."""
+    diagonals. `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v).
+    On a GPU with Triton, one fused kernel computes the same without any T x T matrix in memory."""
     if a.shape[1] == 1:
         return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
+    if fused.available(a, g):
+        inner, m = fused.ghost_sq_norm_and_spread(a, g)
+        return inner.clamp(min=0) + gram_error(torch.float32) * m.square()
     gram_a = shared.get("gram") if shared is not None else None
     if gram_a is None:
         gram_a = gram(a)
