@@ -75,7 +75,7 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
             for p in bf16 fp32; do python3 -m benchmarks.ghost_norm_kernel --device cuda --dtype \$p \
             --out /tmp/stages/kernel/ghost_norm_kernel_\$p.json; done && \
             DPSPEED_FUSED_GHOST_NORM=1 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
-            --device cuda --precision bf16 --batch 256 --modes non-private bk --repeats 4 --warmup 1 \
+            --device cuda --precision bf16 --batch 256 --modes bk --repeats 4 --warmup 1 \
             --out /tmp/stages/kernel/speed_vit_base_bf16_fused.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
