@@ -24,6 +24,11 @@ class TapSpec:
     shapes: list[tuple[torch.Size, torch.dtype, torch.device]]
 
 
+def autocast_state() -> list[tuple[str, torch.dtype]]:
+    """The device types under autocast now, with their dtypes."""
+    return [(device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+
+
 @dataclass(eq=False)
 class Call:
     """One forward call of a bound module: its inputs and, after backward, its output gradients."""
@@ -35,6 +40,9 @@ class Call:
     rows_per_example: int = 1  # > 1 when the module saw the batch flattened to (B * k, ...)
     shared: dict = field(default_factory=dict)  # one dict for all calls on the same input tensor
     released: bool = False  # clipped, its tensors let go
+    #: the autocast state the call ran under: a replay of it runs under the same (records are made
+    #: in the forward pass, replays in the backward pass, where autocast is off)
+    autocast: list[tuple[str, torch.dtype]] = field(default_factory=autocast_state)
 
     @property
     def has_grads(self) -> bool:

@@ -7,6 +7,7 @@ independently; one extra forward and backward of the module in cost.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -38,7 +39,9 @@ def per_example_pullback(
         _, pullback = vjp(lambda p: outputs(p, example_inputs), params)
         return pullback(tuple(g.unsqueeze(0) for g in example_grads))[0]
 
-    with pause_recording(), torch.no_grad():
+    with pause_recording(), torch.no_grad(), contextlib.ExitStack() as autocast:
+        for device, dtype in call.autocast:
+            autocast.enter_context(torch.autocast(device, dtype))
         try:
             return vmap(one_example, in_dims=(in_dims, 0), randomness="error")(inputs, grads)
         except RuntimeError as err:
