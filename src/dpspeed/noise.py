@@ -126,13 +126,15 @@ def _add_noise(totals: list[torch.Tensor], std: float, draw: Callable[[int, torc
     while left:
         noise = draw(min(chunk, left), flats[0].dtype)
         left -= noise.numel()
-        used = 0
+        targets, parts, used = [], [], 0
         while used < noise.numel():
             take = min(noise.numel() - used, flats[index].numel() - offset)
-            flats[index][offset : offset + take].add_(noise[used : used + take], alpha=std)
+            targets.append(flats[index][offset : offset + take])
+            parts.append(noise[used : used + take])
             used, offset = used + take, offset + take
             if offset == flats[index].numel():
                 index, offset = index + 1, 0
+        torch._foreach_add_(targets, parts, alpha=std)  # one launch for the chunk's pieces
 
 
 def _by_device_and_dtype(totals: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:

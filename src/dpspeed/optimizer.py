@@ -280,9 +280,8 @@ class DPOptimizer(Optimizer):
 
     def scale(self) -> None:
         """A mean-reduced loss: divide by the expected batch size, not the realised one."""
-        if self.clipping.loss_reduction == "mean":
-            for total in self.summed.values():
-                total.div_(self.expected_batch_size)
+        if self.clipping.loss_reduction == "mean" and self.summed:
+            torch._foreach_div_(list(self.summed.values()), self.expected_batch_size)
 
     def _set_gradients(self) -> None:
         for name, p in self.controller.params.items():

@@ -39,6 +39,7 @@ class Call:
     output_spec: TapSpec | None = None  # which output leaves were tapped (used by the replaying rules)
     rows_per_example: int = 1  # > 1 when the module saw the batch flattened to (B * k, ...)
     shared: dict = field(default_factory=dict)  # one dict for all calls on the same input tensor
+    cache: dict = field(default_factory=dict)  # what one rule method computed for another (per call)
     released: bool = False  # clipped, its tensors let go
     #: the autocast state the call ran under: a replay of it runs under the same (records are made
     #: in the forward pass, replays in the backward pass, where autocast is off)
@@ -56,7 +57,7 @@ class Call:
     def release(self) -> None:
         """Let go of the kept activations and output gradients once the call is clipped: the
         autograd graph holds this call (through its gradient hooks) until the step ends."""
-        self.args, self.kwargs, self.shared = (), {}, {}
+        self.args, self.kwargs, self.shared, self.cache = (), {}, {}, {}
         self.output_grads = [None] * len(self.output_grads)
         self.released = True
 

@@ -104,15 +104,15 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
     for binding, cs in calls.items():
         local = list(binding.params)
         for call in cs:
+            if methods[binding].ghost_norm:  # first: the rounding bound reuses what it computes
+                for n, v in binding.rule.ghost_sq_norms(binding.module, call, local).items():
+                    _add(sq_norms, binding.params[n], to_acc(v))
+            else:
+                for n, g in _per_sample(binding, call).items():
+                    _add(explicit, binding.params[n], g)
             if not methods[binding].reuse:
                 for n, v in binding.rule.sum_rounding(binding.module, call, local).items():
                     _add(rounding, binding.params[n], to_acc(v))
-            if methods[binding].ghost_norm:
-                for n, v in binding.rule.ghost_sq_norms(binding.module, call, local).items():
-                    _add(sq_norms, binding.params[n], to_acc(v))
-                continue
-            for n, g in _per_sample(binding, call).items():
-                _add(explicit, binding.params[n], g)
     for name, g in explicit.items():
         _add(sq_norms, name, torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc_dtype(g.dtype)).square())
     for name, extra in rounding.items():
@@ -166,8 +166,10 @@ def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[Sums]:
     """sum_i C_i g_i, layer by layer in the pass's order, each parameter once: from explicit
     gradients where kept (every use of a shared parameter is explicit), by book-keeping elsewhere."""
 
+    per_group = list(pf.factors)  # one tensor per group for every layer (their 16-bit casts are kept)
+
     def factor(name: str) -> torch.Tensor:
-        return pf.factors[grouping.group_of[name]]
+        return per_group[grouping.group_of[name]]
 
     done: set[str] = set()
     for binding, cs in pf.calls.items():

@@ -25,17 +25,20 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         return accumulated_bmm(x, x.transpose(1, 2))
 
 
-def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
-    """||a_i^T g_i||_F^2 = <a_i a_i^T, g_i g_i^T> for a (B, T, d), g (B, T, p), from Gram matrices
-    in float32 (16-bit operands multiply exactly into float32 on the tensor cores), raised by
-    gram_error · M^2 for their rounding (precision.py), M = sum_t ||a_t||·||g_t|| from the Grams'
-    diagonals. `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v).
+def ghost_sq_norm_and_spread(a: torch.Tensor, g: torch.Tensor,
+                             shared: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||a_i^T g_i||_F^2, M_i) for a (B, T, d), g (B, T, p). The squared norm is <a_i a_i^T, g_i g_i^T>
+    from Gram matrices in float32 (16-bit operands multiply exactly into float32 on the tensor
+    cores), raised by gram_error · M^2 for their rounding (precision.py); M = sum_t ||a_t||·||g_t||
+    comes from the Grams' diagonals, and is what a book-keeping sum's rounding scales with
+    (`spread`). `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v).
     On a GPU with Triton, one fused kernel computes the same without any T x T matrix in memory."""
     if a.shape[1] == 1:
-        return to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
+        product = to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
+        return product, product.sqrt()
     if fused.available(a, g):
         inner, m = fused.ghost_sq_norm_and_spread(a, g)
-        return inner.clamp(min=0) + gram_error(torch.float32) * m.square()
+        return inner.clamp(min=0) + gram_error(torch.float32) * m.square(), m
     gram_a = shared.get("gram") if shared is not None else None
     if gram_a is None:
         gram_a = gram(a)
@@ -44,7 +47,12 @@ def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) 
     gram_g = gram(g)
     inner = torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1)).clamp(min=0)
     m = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)
-    return inner + gram_error(gram_g.dtype) * m.square()
+    return inner + gram_error(gram_g.dtype) * m.square(), m
+
+
+def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
+    """||a_i^T g_i||_F^2, raised for the Grams' rounding, as `ghost_sq_norm_and_spread`."""
+    return ghost_sq_norm_and_spread(a, g, shared)[0]
 
 
 def spread(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

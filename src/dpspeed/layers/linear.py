@@ -6,14 +6,18 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import clipped_matmul, ghost_sq_norm, spread
+from ._gram import clipped_matmul, ghost_sq_norm_and_spread, spread
 from .precision import accumulation_roundoff, compute_dtype, product_roundoff, to_acc, weighted_sum
 from .rule import LayerRule
 
 
-def flatten_positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, ..., d) and (B, ..., p) -> (B, T, d) and (B, T, p)."""
-    a, g = compute_dtype(a, g)
+def flatten_positions(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """The call's input and output gradient as (B, T, d) and (B, T, p) in the compute dtype; the
+    call keeps the input cast to it in place of the original (one cast per call, not one per use,
+    and the kept input in 16 bits under autocast)."""
+    a, g = compute_dtype(call.input(), call.grad())
+    if a is not call.args[0]:
+        call.args = (a, *call.args[1:])
     batch = g.shape[0]
     return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
@@ -27,7 +31,7 @@ class LinearRule(LayerRule):
     ghost = True
 
     def per_sample_grads(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        a, g = flatten_positions(call.input(), call.grad())
+        a, g = flatten_positions(call)
         out = {}
         if "weight" in names:
             out["weight"] = torch.einsum("btp,btd->bpd", g, a)
@@ -36,16 +40,16 @@ class LinearRule(LayerRule):
         return out
 
     def ghost_sq_norms(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        a, g = flatten_positions(call.input(), call.grad())
+        a, g = flatten_positions(call)
         out = {}
         if "weight" in names:
-            out["weight"] = ghost_sq_norm(a, g, call.shared)
+            out["weight"], call.cache["spread"] = ghost_sq_norm_and_spread(a, g, call.shared)
         if "bias" in names:
             out["bias"] = to_acc(bias_terms(g)).square().sum(1)
         return out
 
     def clipped_sum(self, module: nn.Linear, call: Call, names, factors) -> dict[str, torch.Tensor]:
-        a, g = flatten_positions(call.input(), call.grad())
+        a, g = flatten_positions(call)
         out = {}
         if "weight" in names:
             out["weight"] = clipped_matmul(a, g, factors["weight"])
@@ -56,12 +60,14 @@ class LinearRule(LayerRule):
     def sum_rounding(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """The weight's book-keeping product rounds its factor-scaled operand and accumulates the T
         products of each example (the bias's sum is exact): (product_roundoff + T · accumulation
-        roundoff) · sum_t ||a_t||·||g_t||."""
+        roundoff) · sum_t ||a_t||·||g_t||, that sum taken from the ghost norm when it ran."""
         if "weight" not in names:
             return {}
-        a, g = flatten_positions(call.input(), call.grad())
-        rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, g.shape[1])
-        return {"weight": rounding * spread(a, g)}
+        g = call.grad()
+        positions = g[0].numel() // g.shape[-1] if g.shape[0] else 1
+        rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, positions)
+        m = call.cache.get("spread")  # the ghost norm's, from its Grams' diagonals
+        return {"weight": rounding * (spread(*flatten_positions(call)) if m is None else m)}
 
     def costs(self, module: nn.Linear, call: Call) -> tuple[float, float]:
         a = call.input()

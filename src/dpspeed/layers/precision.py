@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Iterator
 
 import torch
@@ -107,15 +108,25 @@ def to_acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(acc_dtype(t.dtype))
 
 
+#: factors_in's results while their factor tensor lives: in all-layer clipping every layer takes
+#: the same factors, cast once per dtype instead of once per layer
+_cast_factors: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
 def factors_in(dtype: torch.dtype, factors: torch.Tensor) -> torch.Tensor:
     """Clipping factors cast to `dtype`, shrunk by half its machine epsilon first: rounding to the
     nearest value of `dtype` then never enlarges a clipped gradient beyond the threshold. Factors
-    below the smallest normal value (where rounding is coarser) become 0."""
+    below the smallest normal value (where rounding is coarser) become 0. (The factors must not be
+    changed in place afterwards: their cast is kept while they live.)"""
     if dtype == factors.dtype:
         return factors
-    info = torch.finfo(dtype)
-    shrunk = torch.where(factors < info.tiny, 0.0, factors * (1 - info.eps / 2))
-    return shrunk.to(dtype)
+    key = (id(factors), dtype)
+    if key not in _cast_factors:
+        info = torch.finfo(dtype)
+        shrunk = torch.where(factors < info.tiny, 0.0, factors * (1 - info.eps / 2))
+        _cast_factors[key] = shrunk.to(dtype)
+        weakref.finalize(factors, _cast_factors.pop, key, None)
+    return _cast_factors[key]
 
 
 def accumulated_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
