@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import (DataLoader, RandomSampler, Sampler, Subset, SubsetRandomSampler, TensorDataset,
+                              WeightedRandomSampler)
 
+from dpspeed import PrivacyEngine
 from dpspeed.sampling import PoissonBatchSampler
 from tests.helpers.engines import private_linear
 
@@ -84,3 +87,64 @@ def test_a_resumed_loader_with_workers_draws_what_would_have_come_next():
     resumed.load_state_dict(state)
     again = iter(resumed)
     assert [rows(next(again)) for _ in range(2)] == uninterrupted
+
+
+def _poisson_indices(loader, steps: int = 40) -> tuple[set[int], PrivacyEngine]:
+    model = torch.nn.Linear(1, 1)
+    engine = PrivacyEngine()
+    _, _, private = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    seen = set()
+    for _ in range(steps // len(private) + 1):
+        for indices in private.logical_batches:  # the data set indices of each logical batch
+            seen.update(indices)
+    engine.detach()
+    return seen, engine
+
+
+def test_poisson_sampling_ranges_over_the_users_subset_only():
+    """A SubsetRandomSampler over the first 50 of 100 examples: never one of the other 50, and
+    N = 50 in the accounting (it drew 21 of 48 examples from the excluded half before)."""
+    data = TensorDataset(torch.arange(100.0).unsqueeze(1))
+    loader = DataLoader(data, batch_size=10, sampler=SubsetRandomSampler(list(range(50))))
+    seen, engine = _poisson_indices(loader)
+    assert seen <= set(range(50)) and len(seen) > 40
+    assert engine.examples == 50 and engine.sample_rate == 10 / 50
+
+
+def test_a_subset_data_set_and_a_sampler_with_indices_are_followed():
+    data = TensorDataset(torch.arange(100.0).unsqueeze(1))
+    seen, engine = _poisson_indices(DataLoader(Subset(data, list(range(60, 90))), batch_size=5, shuffle=True))
+    assert seen <= set(range(30)) and engine.examples == 30  # indices into the Subset: examples 60..89
+
+    class EveryThird(Sampler):
+        indices = list(range(0, 100, 3))
+
+        def __iter__(self):
+            return iter(self.indices)
+
+        def __len__(self):
+            return len(self.indices)
+
+    seen, engine = _poisson_indices(DataLoader(data, batch_size=5, sampler=EveryThird()))
+    assert seen <= set(range(0, 100, 3)) and engine.examples == 34
+
+
+@pytest.mark.parametrize("sampler, message", [
+    (lambda n: WeightedRandomSampler(torch.ones(n), n), "unequal or repeated chances"),
+    (lambda n: RandomSampler(range(n), replacement=True), "unequal or repeated chances"),
+    (lambda n: iter(range(n)), "cannot read which examples"),
+    (lambda n: SubsetRandomSampler([1, 2, 2, 3]), "repeats indices"),
+    (lambda n: SubsetRandomSampler([1, 2, n]), "outside the data set"),
+])
+def test_a_sampler_whose_examples_cannot_be_poisson_sampled_is_refused(sampler, message):
+    model = torch.nn.Linear(1, 1)
+    loader = DataLoader(TensorDataset(torch.randn(20, 1)), batch_size=4, sampler=sampler(20))
+    with pytest.raises(ValueError, match=message):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    # the user's own batches remain possible, without epsilon
+    engine = PrivacyEngine()
+    engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+                        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    engine.detach()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .clipping.config import ClippingConfig
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
-from .sampling import check_batching
+from .sampling import check_batching, population_size
 
 
 def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
@@ -133,4 +133,4 @@ def check_topology(topology: Topology, clipping: ClippingConfig, poisson_samplin
         )
     if topology.distributed and not poisson_sampling:
         raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
-    topology.check_same_data(len(data_loader.dataset), data_loader.batch_size)
+    topology.check_same_data(population_size(data_loader, poisson_sampling), data_loader.batch_size)

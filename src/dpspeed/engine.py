@@ -25,7 +25,7 @@ from .clipping.two_pass import DPLoss
 from .noise import NoiseSource, SecureNoiseSource
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
-from .sampling import DPDataLoader, PoissonBatchSampler, loader_options
+from .sampling import DPDataLoader, PoissonBatchSampler, loader_options, population, population_size
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | Non
                     max_physical_batch_size: int | None, fixed_physical_batch: bool, secure: bool) -> DPDataLoader:
     """The user's loader made private: Poisson-sampled logical batches (each rank its shard of the
     data set), split into physical batches; or the user's own batches when poisson_sampling=False."""
-    if poisson_sampling:
-        rate = data_loader.batch_size / len(data_loader.dataset)
-        logical = PoissonBatchSampler(len(data_loader.dataset), rate, steps=len(data_loader), seed=seed,
-                                      rank=topology.rank, world_size=topology.world, secure=secure)
+    if poisson_sampling:  # over the indices the user's sampler ranges over, never others
+        indices = population(data_loader)
+        rate = data_loader.batch_size / len(indices)
+        logical = PoissonBatchSampler(indices, rate, steps=len(data_loader), seed=seed, rank=topology.rank,
+                                      world_size=topology.world, secure=secure)
     else:
         logical = data_loader.batch_sampler
     return DPDataLoader(data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
@@ -99,6 +100,7 @@ class PrivacyEngine:
         self.clipping: ClippingConfig | None = None
         self.poisson_sampling = True
         self.sample_rate: float | None = None
+        self.examples: int | None = None  # N, the examples Poisson sampling ranges over
         self._module: nn.Module | None = None
         self._reproducible = False  # seed= given: the random streams are part of the state
         self._resumed = False  # the optimizer had state before make_private (it was stepped)
@@ -156,7 +158,8 @@ class PrivacyEngine:
 
         self.controller, self.optimizer, self.data_loader, self.clipping = controller, dp_optimizer, loader, clipping
         self.poisson_sampling, self._module, self._resumed = poisson_sampling, module, bool(optimizer.state)
-        self.sample_rate = data_loader.batch_size / len(data_loader.dataset)
+        self.examples = population_size(data_loader, poisson_sampling)  # N
+        self.sample_rate = data_loader.batch_size / self.examples
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
                     len(params), len(clipping.grouping.groups), noise_multiplier, self.sample_rate, clipping_mode)
         if criterion is None:
@@ -194,8 +197,9 @@ class PrivacyEngine:
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs= or steps=")
         _checks.check_loader(data_loader)
-        _warn_if_delta_is_large(target_delta, len(data_loader.dataset))
-        sample_rate = data_loader.batch_size / len(data_loader.dataset)
+        examples = population_size(data_loader)
+        _warn_if_delta_is_large(target_delta, examples)
+        sample_rate = data_loader.batch_size / examples
         total_steps = steps if steps is not None else epochs * len(data_loader)
         sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps, self.accountant.kind)
         logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps", sigma, target_epsilon, total_steps)
@@ -212,7 +216,7 @@ class PrivacyEngine:
         if self._resumed and not self._restored:
             raise ValueError(NOT_RESTORED)
         if self.data_loader is not None:
-            _warn_if_delta_is_large(delta, len(self.data_loader.dataset))
+            _warn_if_delta_is_large(delta, self.examples)
         return self.accountant.get_epsilon(delta)
 
     @property

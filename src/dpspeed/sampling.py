@@ -7,11 +7,53 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler,
+                              SequentialSampler, WeightedRandomSampler)
+from torch.utils.data.distributed import DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .noise import SecureStream, sampling_seed, seeded_generator
+
+
+def population(loader: DataLoader) -> torch.Tensor:
+    """The indices of the loader's data set that its sampler ranges over, each once: Poisson
+    sampling draws from exactly these, and N is their number. Never an index the user's sampler
+    excludes; a sampler whose index set cannot be read, or whose examples are not equally likely,
+    is refused with what to do instead."""
+    size = len(loader.dataset)
+    sampler, name = loader.sampler, type(loader.sampler).__name__
+    if type(loader.batch_sampler) is not BatchSampler:
+        raise ValueError(f"dpspeed cannot read which examples the batch sampler {type(loader.batch_sampler).__name__} "
+                         "draws: give the loader a batch_size (and a sampler over the examples to train on, or a "
+                         "torch.utils.data.Subset of the data set); dpspeed forms the batches by Poisson sampling")
+    if isinstance(sampler, (WeightedRandomSampler, DistributedSampler)) or (
+            isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != size)):
+        why = ("draws examples with unequal or repeated chances" if not isinstance(sampler, DistributedSampler) else
+               "splits the data set across ranks, which dpspeed does itself")
+        raise ValueError(f"the loader's {name} {why}; Poisson sampling gives every example the same rate. Give the "
+                         "loader the plain data set (or a Subset of it, or a SubsetRandomSampler over the indices "
+                         "to train on)")
+    if isinstance(sampler, (RandomSampler, SequentialSampler)):
+        return torch.arange(size)
+    indices = getattr(sampler, "indices", None)
+    if indices is None:
+        raise ValueError(f"dpspeed cannot read which examples the loader's {name} ranges over: give it an `indices` "
+                         "attribute, or use a SubsetRandomSampler over those indices, or a "
+                         "torch.utils.data.Subset of the data set")
+    chosen = torch.as_tensor(list(indices), dtype=torch.long)
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= size):
+        raise ValueError(f"the loader's {name} has indices outside the data set of {size} examples")
+    if chosen.unique().numel() != chosen.numel():
+        raise ValueError(f"the loader's {name} repeats indices: an example listed twice would be sampled at twice "
+                         "the rate the accounting assumes; list each once")
+    return chosen
+
+
+def population_size(loader: DataLoader, poisson_sampling: bool = True) -> int:
+    """N: the number of examples Poisson sampling ranges over (the whole data set's for batches
+    that are not Poisson-sampled)."""
+    return len(population(loader)) if poisson_sampling else len(loader.dataset)
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -23,12 +65,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
     the ranks' batches is a Poisson sample of the whole data set.
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, seed: int | None = None,
-                 rank: int = 0, world_size: int = 1, secure: bool = False):
+    def __init__(self, indices: int | torch.Tensor, sample_rate: float, steps: int | None = None,
+                 seed: int | None = None, rank: int = 0, world_size: int = 1, secure: bool = False):
+        """`indices`: the indices to sample from (an int n: all of range(n))."""
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.num_samples = num_samples
-        self.shard = torch.arange(rank, num_samples, world_size)  # this rank's part of the data set
+        indices = torch.arange(indices) if isinstance(indices, int) else torch.as_tensor(indices, dtype=torch.long)
+        self.num_samples = len(indices)
+        self.shard = indices[rank::world_size]  # this rank's part of the data set
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         #: secure_mode: each batch from a secure stream, rekeyed from the operating system; no state
