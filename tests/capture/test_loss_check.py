@@ -172,3 +172,53 @@ def test_a_mean_over_kept_targets_of_each_example_passes():
     (per_token.sum(1) / kept).mean().backward()
     opt.step()
     engine.detach()
+
+
+class _TokenModel(nn.Module):
+    """A language model that computes its loss itself when given labels, as transformers' do:
+    token cross-entropy averaged over the batch's kept tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 8), nn.Linear(8, 7)
+
+    def forward(self, tokens, labels):
+        logits = self.head(self.embed(tokens))
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+
+def _token_run(labels_of):
+    torch.manual_seed(0)
+    model = _TokenModel()
+    tokens = torch.randint(0, 7, (16, 5))
+    engine = PrivacyEngine()
+    m, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(TensorDataset(tokens), batch_size=8),
+                                         noise_multiplier=1.0, max_grad_norm=1.0, clipping_mode="bk",
+                                         poisson_sampling=False)
+    try:
+        for (xb,) in loader:
+            m(xb, labels_of(xb))["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        engine.detach()
+
+
+def test_a_loss_the_model_computes_over_unequally_kept_tokens_is_refused():
+    def padded(tokens):
+        labels = tokens.clone()
+        labels[0, 2:] = -100  # example 0 padded: the batch's count of kept tokens depends on it
+        return labels
+
+    with pytest.raises(ValueError, match="leaves out different numbers of each example's targets"):
+        _token_run(padded)
+
+
+def test_shifted_labels_leave_out_the_same_number_per_example_and_pass():
+    """A causal language model's shifted labels end each example with one ignored position: every
+    example's loss is divided by the same count."""
+    def shifted(tokens):
+        return F.pad(tokens[:, 1:], (0, 1), value=-100)
+
+    _token_run(shifted)

@@ -7,16 +7,18 @@ which follow the loss computation through every torch call, and three things are
 - a broadcast that expands an output against a tensor whose batch dimension is laid out
   differently (a (B, 1) output against (B,) targets, which compares every example with every
   other) is refused at the call that makes it;
-- `cross_entropy` and `nll_loss` with `reduction="mean"` over targets some of which are ignored
-  (`ignore_index`) or weighted by class divide by a count the whole batch sets, and are refused;
+- `cross_entropy` and `nll_loss` with `reduction="mean"` over targets weighted by class, or some
+  of which are ignored (`ignore_index`) in numbers that differ between examples, divide by a
+  count the whole batch sets, and are refused;
 - when `backward()` is called on a watched loss, the part of the graph between the loss and the
   outputs is differentiated twice: for a loss that is a sum of per-example terms, the Hessian
   with respect to the outputs has no block linking two examples, so a Hessian-vector product
   with a probe on one example is exactly zero on every other example. A contrastive loss, a
   batch-mean penalty or a normalisation over the batch gives a non-zero there, and is refused.
   A loss computed inside the model is differentiated against the model's own outputs.
-Not seen: a mean whose denominator the batch sets, computed by other code than torch's two losses
-(or inside the model), and anything after the first step. After the check, torch calls on
+The same mean computed inside the model (a transformers model given labels) is refused by the
+first forward pass's trace (`trace.py`). Not seen: such a mean computed by other code than torch's
+two losses, and anything after the first step. After the check, torch calls on
 watched tensors return plain tensors.
 """
 
@@ -42,11 +44,42 @@ _ELEMENTWISE = {
 }
 
 #: the losses whose mean divides by a count that the batch's targets set (kept or weighted targets)
-_TARGET_MEANS = {F.cross_entropy, F.nll_loss}
+TARGET_MEANS = {F.cross_entropy, F.nll_loss}
 
 #: a value of the Hessian-vector product on another example, relative to example 0's, that counts
 #: as a link (for a per-example loss it is exactly zero)
 TOLERANCE = 1e-6
+
+
+def check_mean_denominator(func, args: tuple, kwargs: dict, rows: int | None) -> None:
+    """Refuse cross_entropy or nll_loss averaged over the batch's targets when its denominator
+    depends on the other examples: class weights, or targets left out by ignore_index in numbers
+    that differ between the batch's `rows` examples (the same number for each, as a language
+    model's shifted labels leave, divides every example's loss by the same count: no link)."""
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    call = bound.arguments
+    if call["reduction"] != "mean" or call["size_average"] is not None or call["reduce"] is not None:
+        return
+    target = call["target"]
+    if call["weight"] is None:
+        if target.is_floating_point():
+            return
+        left_out = target == call["ignore_index"]
+        if not bool(left_out.any()):
+            return
+        if rows and target.numel() % rows == 0:
+            per_example = left_out.reshape(rows, -1).sum(1)
+            if bool((per_example == per_example[0]).all()):
+                return
+    why = "weights its targets by class" if call["weight"] is not None else (
+        f"leaves out different numbers of each example's targets (ignore_index={call['ignore_index']})")
+    raise ValueError(
+        f"{func.__name__}(reduction='mean') {why}, so it divides by a count the whole batch sets and no "
+        "example's gradient is its own: one example could move every other's. Take each example's own loss "
+        "(reduction='none', then sum or average over that example's targets) and average those over the batch, "
+        "or use reduction='sum' with loss_reduction='sum'"
+    )
 
 
 class LossWatch:
@@ -80,27 +113,6 @@ class LossWatch:
             f"dimensions ({self.rows} examples) do not line up, so every example meets every other in the loss, "
             "and no clipping bounds what one example then contributes. Give them the same shape (e.g. "
             "output.squeeze(-1), or target.unsqueeze(-1))"
-        )
-
-    def check_mean_denominator(self, func, args: tuple, kwargs: dict) -> None:
-        """Refuse a mean over the batch's targets whose denominator depends on the other examples:
-        class weights, or targets left out by ignore_index."""
-        bound = inspect.signature(func).bind(*args, **kwargs)
-        bound.apply_defaults()
-        call = bound.arguments
-        if call["reduction"] != "mean" or call["size_average"] is not None or call["reduce"] is not None:
-            return
-        target = call["target"]
-        ignored = not target.is_floating_point() and bool((target == call["ignore_index"]).any())
-        if call["weight"] is None and not ignored:
-            return
-        why = "weights its targets by class" if call["weight"] is not None else (
-            f"leaves out targets equal to ignore_index={call['ignore_index']}")
-        raise ValueError(
-            f"{func.__name__}(reduction='mean') {why}, so it divides by a count the whole batch sets and no "
-            "example's gradient is its own: one example could move every other's. Take each example's own loss "
-            "(reduction='none', then sum or average over that example's targets) and average those over the batch, "
-            "or use reduction='sum' with loss_reduction='sum'"
         )
 
     def check_loss(self, loss: torch.Tensor) -> None:
@@ -178,8 +190,8 @@ class WatchedTensor(torch.Tensor):
                 return func(*args, **kwargs)
         if func in _ELEMENTWISE:
             watch.check_broadcast(func, args, kwargs)
-        if func in _TARGET_MEANS:
-            watch.check_mean_denominator(func, args, kwargs)
+        if func in TARGET_MEANS:
+            check_mean_denominator(func, args, kwargs, watch.rows)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
             return _watched(out, watch)
