@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from .clipping.config import ClippingConfig
+from .fix import validate
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
 from .sampling import check_batching, population_size
@@ -22,31 +23,15 @@ from .sampling import check_batching, population_size
 
 def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
     """The module's trainable parameters by name, after checking the module can be made private."""
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "do not wrap the model in DistributedDataParallel: dpspeed all-reduces the clipped gradients "
-            "itself, once per logical batch; pass the bare model"
-        )
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if module in attached:
         raise ValueError("make_private was already called on this model; call engine.detach() first")
-    for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(
-                f"BatchNorm at '{name}' mixes examples of a batch, which breaks per-example privacy; "
-                "replace it with dpspeed.fix_model(model) (GroupNorm) first"
-            )
-        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
-            raise ValueError(
-                f"{type(m).__name__} at '{name}' keeps running statistics of the private data in its buffers, "
-                "which the state_dict would publish without noise; set track_running_stats=False, or "
-                "dpspeed.fix_model(model) does it"
-            )
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return params
+    problems = validate(module)
+    if problems:
+        listed = "\n".join(f"- {p}" for p in problems)
+        raise ValueError(f"the model cannot be made private as it is ({len(problems)} problem(s)):\n{listed}")
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
 def check_arguments(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, criterion: nn.Module | None,

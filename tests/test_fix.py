@@ -1,0 +1,50 @@
+"""validate lists every problem at once; fix_model's replacements keep the features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dpspeed import PrivacyEngine, fix_model, validate
+
+
+def _model_with_every_problem() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LSTM(4, 4), nn.BatchNorm1d(4),
+                         nn.InstanceNorm1d(4, track_running_stats=True))
+
+
+def test_validate_lists_every_problem_and_make_private_says_them_all():
+    problems = validate(_model_with_every_problem())
+    assert [p.split(" at ")[0] for p in problems] == ["BatchNorm1d", "LSTM", "BatchNorm1d", "InstanceNorm1d"]
+    assert "fix_model" in problems[0] and "requires_grad_(False)" in problems[1]
+    model = _model_with_every_problem()
+    with pytest.raises(ValueError, match=r"4 problem\(s\)") as refused:
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=None, noise_multiplier=1.0, max_grad_norm=1.0)
+    assert all(p in str(refused.value) for p in problems)
+    assert validate(nn.Linear(2, 2)) == []
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    assert validate(frozen) == ["the model has no trainable parameters"]
+
+
+@pytest.mark.parametrize("recurrent", [nn.RNN, nn.LSTM, nn.GRU])
+def test_a_trainable_recurrent_layer_is_refused_clearly_and_a_frozen_one_trains(recurrent):
+    """(RNN, LSTM and GRU crashed inside clipping.) A frozen one has no gradient to privatise."""
+    model = nn.Sequential(recurrent(3, 5, batch_first=True))
+    assert "no exact per-example rule" in validate(model)[0]
+    model[0].requires_grad_(False)
+    assert validate(model) == ["the model has no trainable parameters"]
+
+
+def test_fix_model_keeps_the_features_of_a_batchnorm1d_over_vectors():
+    """BatchNorm1d(4) on (B, 4) became GroupNorm(4, 4), which outputs zeros: one group over the
+    channels instead. With one feature, an Identity."""
+    model = fix_model(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1), nn.BatchNorm1d(1),
+                                    nn.Conv2d(1, 8, 1), nn.BatchNorm2d(8)))
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 1
+    assert isinstance(model[3], nn.Identity)
+    assert isinstance(model[5], nn.GroupNorm) and model[5].num_groups == 8
+    out = model[1](torch.randn(5, 4))
+    assert out.abs().mean() > 0.5  # normalised, not zeroed
+    assert validate(model) == []
