@@ -93,3 +93,14 @@ def test_register_rule_refuses_what_is_not_a_rule_or_a_module_type():
         register_rule(Doubled, object())
     with pytest.raises(TypeError, match="nn.Module class"):
         register_rule(42, LinearRule())
+
+
+def test_bits_norms_are_bound_to_their_native_rule():
+    """timm's GroupNormAct went to the op-tap path (each example's ops replayed); it has a rule."""
+    from dpspeed.layers.norms import GroupNormActRule
+    from tests.helpers.models import timm_cases
+
+    case = timm_cases()["timm_bit"]()
+    rules = _bound_rules(case.model, case.tensors[0])
+    norms = {name: rule for name, rule in rules.items() if type(case.model.get_submodule(name)).__name__ == "GroupNormAct"}
+    assert norms and all(isinstance(rule, GroupNormActRule) for rule in norms.values())

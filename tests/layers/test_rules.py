@@ -45,6 +45,17 @@ def _std_conv() -> nn.Module:
     return timm.layers.StdConv2d(2, 4, 3, padding=1)
 
 
+def _group_norm_act(act: str | None) -> nn.Module:
+    """timm's GroupNormAct (BiT's norm), with its activation applied in place (ReLU's default)."""
+    from timm.layers import GroupNormAct
+
+    norm = GroupNormAct(4, num_groups=2, act_layer=act or "relu", apply_act=act is not None)
+    with torch.no_grad():  # off the default init, so that the activation's kink is crossed
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    return norm
+
+
 LAYERS = {
     "linear": (lambda: nn.Linear(4, 3), (5, 4)),
     "linear_3d": (lambda: nn.Linear(4, 3), (5, 2, 3, 4)),
@@ -61,6 +72,9 @@ LAYERS = {
     "groupnorm": (lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3)),
     "instancenorm": (lambda: nn.InstanceNorm2d(3, affine=True), (5, 3, 4, 4)),
     "std_conv2d": (_std_conv, (5, 2, 5, 5)),
+    "groupnorm_act_relu": (lambda: _group_norm_act("relu"), (5, 4, 3, 3)),
+    "groupnorm_act_silu": (lambda: _group_norm_act("silu"), (5, 4, 3, 3)),
+    "groupnorm_act_none": (lambda: _group_norm_act(None), (5, 4, 3)),
     "fallback_bare_param": (Scaled, (5, 4)),
     "multihead_attention": (Attention, (5, 3, 4)),
 }

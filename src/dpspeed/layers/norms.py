@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.records import Call
-from .precision import compute_dtype
+from .precision import compute_dtype, to_acc
 from .rule import LayerRule
 
 
@@ -67,3 +67,29 @@ class InstanceNormRule(AffineNormRule):
             use_input_stats=use_input_stats,
             eps=module.eps,
         )
+
+
+class GroupNormActRule(LayerRule):
+    """timm's GroupNormAct, act(group_norm(x)) in one module (BiT's norms): the gradient at the
+    norm's output is the module's output gradient through the activation's derivative, which is
+    elementwise, so each example's comes from its own values; then weight sum(g * x_hat) and bias
+    sum(g) per example and channel, in float32 (float64 for float64). The activation's own
+    parameters, if any, belong to its own module."""
+
+    def per_sample_grads(self, module: nn.GroupNorm, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        if not isinstance(module.drop, nn.Identity):
+            raise RuntimeError("GroupNormAct with a drop layer draws a random mask dpspeed cannot replay per example; "
+                               "build it without drop_layer")
+        x, g = to_acc(call.input()), to_acc(call.grad())
+        weight, bias = (None if p is None else p.detach().to(x.dtype) for p in (module.weight, module.bias))
+        with torch.enable_grad():
+            pre = F.group_norm(x, module.num_groups, weight, bias, module.eps).requires_grad_()
+            (g_pre,) = torch.autograd.grad(module.act(pre.clone()), pre, g)  # (a clone: acts may work in place)
+        batch, channels = g.shape[0], g.shape[1]
+        out = {}
+        if "weight" in names:
+            x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+            out["weight"] = (g_pre * x_hat).reshape(batch, channels, -1).sum(2)
+        if "bias" in names:
+            out["bias"] = g_pre.reshape(batch, channels, -1).sum(2)
+        return out

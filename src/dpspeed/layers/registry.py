@@ -11,7 +11,7 @@ from torch import nn
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
-from .norms import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from .norms import GroupNormActRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
 from .rule import LayerRule
 
 _BY_TYPE: dict[type, LayerRule] = {}
@@ -83,3 +83,5 @@ for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_t, InstanceNormRule())
 # timm's LayerNorm is nn.LayerNorm with an optional fused kernel: F.layer_norm over the last dims
 register_rule("timm.layers.norm.LayerNorm", LayerNormRule())
+# timm's GroupNormAct (BiT): GroupNorm, then an activation, in one module
+register_rule("timm.layers.norm_act.GroupNormAct", GroupNormActRule())
