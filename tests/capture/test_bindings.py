@@ -104,3 +104,14 @@ def test_bits_norms_are_bound_to_their_native_rule():
     rules = _bound_rules(case.model, case.tensors[0])
     norms = {name: rule for name, rule in rules.items() if type(case.model.get_submodule(name)).__name__ == "GroupNormAct"}
     assert norms and all(isinstance(rule, GroupNormActRule) for rule in norms.values())
+
+
+def test_bits_convolutions_are_bound_to_their_native_rule():
+    """timm's StdConv2d went to the op-tap path (each example's convolution replayed); it has a rule."""
+    from dpspeed.layers.conv import StdConvRule
+    from tests.helpers.models import timm_cases
+
+    case = timm_cases()["timm_bit"]()
+    rules = _bound_rules(case.model, case.tensors[0])
+    convs = {name: rule for name, rule in rules.items() if type(case.model.get_submodule(name)).__name__ == "StdConv2d"}
+    assert convs and all(isinstance(rule, StdConvRule) for rule in convs.values())

@@ -40,9 +40,13 @@ def _frozen_bias() -> nn.Module:
     return layer
 
 
-def _std_conv() -> nn.Module:
+def _std_conv(**options) -> nn.Module:
+    """timm's StdConv2d (BiT's convolution), with a weight whose channels have different scales."""
     timm = pytest.importorskip("timm")
-    return timm.layers.StdConv2d(2, 4, 3, padding=1)
+    conv = timm.layers.StdConv2d(2, 4, 3, padding=1, eps=1e-3, **options)
+    with torch.no_grad():
+        conv.weight.mul_(torch.linspace(0.1, 2.0, 4).view(4, 1, 1, 1))
+    return conv
 
 
 def _group_norm_act(act: str | None) -> nn.Module:
@@ -72,6 +76,7 @@ LAYERS = {
     "groupnorm": (lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3)),
     "instancenorm": (lambda: nn.InstanceNorm2d(3, affine=True), (5, 3, 4, 4)),
     "std_conv2d": (_std_conv, (5, 2, 5, 5)),
+    "std_conv2d_grouped_strided_bias": (lambda: _std_conv(groups=2, stride=2, bias=True), (5, 2, 6, 6)),
     "groupnorm_act_relu": (lambda: _group_norm_act("relu"), (5, 4, 3, 3)),
     "groupnorm_act_silu": (lambda: _group_norm_act("silu"), (5, 4, 3, 3)),
     "groupnorm_act_none": (lambda: _group_norm_act(None), (5, 4, 3)),

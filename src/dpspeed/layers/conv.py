@@ -112,3 +112,30 @@ class ConvRule(LayerRule):
         d = module.in_channels // module.groups * math.prod(module.kernel_size)
         p = module.out_channels // module.groups
         return 2.0 * positions**2 * (d + p) * module.groups, float(positions * d * p * module.groups)
+
+
+class StdConvRule(ConvRule):
+    """timm's StdConv2d (BiT): a convolution with its weight standardised per output channel,
+    w_hat = (w - mean) / s with s = sqrt(var + eps) over the channel's n = C_in/groups · prod(kernel)
+    entries. Each example's gradient is the convolution's own for w_hat (from the unfolded
+    patches, as ConvRule's) pulled back through the standardisation's Jacobian, which is linear:
+    dL/dw = (h - mean(h) - w_hat · <w_hat, h> / n) / s for that example's h = dL/dw_hat, in float32
+    (float64 for float64). Explicit per-example gradients: their norms and their sum come from
+    the same tensors (no ghost norm)."""
+
+    ghost = False
+
+    def per_sample_grads(self, module: nn.Conv2d, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        out = super().per_sample_grads(module, call, names)
+        if "weight" in out:
+            h = to_acc(out["weight"])
+            w = module.weight.detach().to(h.dtype).reshape(module.out_channels, -1)
+            centred = w - w.mean(1, keepdim=True)
+            s = (centred.square().mean(1, keepdim=True) + module.eps).sqrt()
+            w_hat = centred / s
+            h = h.reshape(h.shape[0], module.out_channels, -1)
+            pulled = (h - h.mean(2, keepdim=True) - w_hat * (h * w_hat).sum(2, keepdim=True) / w.shape[1]) / s
+            out["weight"] = pulled.reshape(h.shape[0], *module.weight.shape)
+        if "bias" in out:
+            out["bias"] = to_acc(out["bias"])
+        return out

@@ -8,7 +8,7 @@ from typing import Callable, TypeVar, overload
 
 from torch import nn
 
-from .conv import ConvRule
+from .conv import ConvRule, StdConvRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .norms import GroupNormActRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
@@ -83,5 +83,7 @@ for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_t, InstanceNormRule())
 # timm's LayerNorm is nn.LayerNorm with an optional fused kernel: F.layer_norm over the last dims
 register_rule("timm.layers.norm.LayerNorm", LayerNormRule())
+# timm's StdConv2d (BiT): a convolution of its weight standardised per output channel
+register_rule("timm.layers.std_conv.StdConv2d", StdConvRule())
 # timm's GroupNormAct (BiT): GroupNorm, then an activation, in one module
 register_rule("timm.layers.norm_act.GroupNormAct", GroupNormActRule())
