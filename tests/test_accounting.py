@@ -142,6 +142,16 @@ def test_the_private_optimizers_checkpoint_carries_the_privacy_state():
     assert opt.param_groups is opt.original_optimizer.param_groups
     resumed.detach()
 
+    early = PrivacyEngine()  # the checkpoint loaded into the torch optimizer, before make_private
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain.load_state_dict(checkpoint)
+    _, opt, _ = private(early, plain)
+    with pytest.raises(ValueError, match="privacy state was not restored"):
+        early.get_epsilon(1e-5)
+    opt.load_state_dict(checkpoint)
+    assert early.get_epsilon(1e-5) == first.get_epsilon(1e-5)
+    early.detach()
+
     foreign = PrivacyEngine()
     _, opt, _ = private(foreign, torch.optim.SGD(model.parameters(), lr=0.1))
     opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())

@@ -28,13 +28,20 @@ def test_validate_lists_every_problem_and_make_private_says_them_all():
     assert validate(frozen) == ["the model has no trainable parameters"]
 
 
-@pytest.mark.parametrize("recurrent", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("recurrent", [nn.RNN, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell])
 def test_a_trainable_recurrent_layer_is_refused_clearly_and_a_frozen_one_trains(recurrent):
     """(RNN, LSTM and GRU crashed inside clipping.) A frozen one has no gradient to privatise."""
-    model = nn.Sequential(recurrent(3, 5, batch_first=True))
+    model = nn.Sequential(recurrent(3, 5))
     assert "no exact per-example rule" in validate(model)[0]
     model[0].requires_grad_(False)
     assert validate(model) == ["the model has no trainable parameters"]
+
+
+def test_a_recurrent_layer_with_a_registered_rule_is_not_refused(fresh_registry):
+    from dpspeed import LayerRule, register_rule
+
+    register_rule(nn.GRU, LayerRule())
+    assert validate(nn.GRU(3, 5)) == []
 
 
 def test_fix_model_keeps_the_features_of_a_batchnorm1d_over_vectors():
@@ -48,3 +55,4 @@ def test_fix_model_keeps_the_features_of_a_batchnorm1d_over_vectors():
     out = model[1](torch.randn(5, 4))
     assert out.abs().mean() > 0.5  # normalised, not zeroed
     assert validate(model) == []
+    assert fix_model(nn.Sequential(nn.BatchNorm2d(4).double()))[0].weight.dtype == torch.float64

@@ -10,6 +10,7 @@ import math
 import warnings
 from typing import Container
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -18,7 +19,7 @@ from .clipping.config import ClippingConfig
 from .fix import validate
 from .optimizer import DPOptimizer
 from .parallel.topology import Topology
-from .sampling import check_batching, population_size
+from .sampling import check_batching, population
 
 
 def trainable_parameters(module: nn.Module, attached: Container[nn.Module]) -> dict[str, nn.Parameter]:
@@ -118,4 +119,5 @@ def check_topology(topology: Topology, clipping: ClippingConfig, poisson_samplin
         )
     if topology.distributed and not poisson_sampling:
         raise ValueError("across processes dpspeed needs poisson_sampling=True (each rank samples its shard)")
-    topology.check_same_data(population_size(data_loader, poisson_sampling), data_loader.batch_size)
+    examples = population(data_loader) if poisson_sampling else torch.arange(len(data_loader.dataset))
+    topology.check_same_data(examples, data_loader.batch_size)

@@ -23,7 +23,7 @@ from .clipping.groups import ClippingStyle, Grouping
 from .clipping.planner import LayerPlan, Planner
 from .clipping.two_pass import DPLoss
 from .noise import NoiseSource, SecureNoiseSource
-from .optimizer import DPOptimizer
+from .optimizer import PRIVATE_MARK, DPOptimizer
 from .parallel.topology import Topology
 from .sampling import DPDataLoader, PoissonBatchSampler, loader_options, population, population_size
 
@@ -44,11 +44,12 @@ NOT_POISSON = (
     "dpspeed accounts only for Poisson-sampled batches: there is no epsilon for this run"
 )
 NOT_RESTORED = (
-    "this run continues an earlier training (the optimizer had state before make_private, or was loaded from "
-    "a state dict without dpspeed's privacy state), but the engine's privacy state was not restored: epsilon "
-    "would count this run's steps only. Load the private optimizer's own state dict, or call "
-    "engine.load_state_dict(...) with what engine.state_dict() saved; if the earlier training did not use "
-    "this private data, start from a fresh optimizer"
+    "this run continues an earlier training (the optimizer had state before make_private, was loaded from a "
+    "private optimizer's checkpoint before make_private, or from a state dict without dpspeed's privacy "
+    "state), but the engine's privacy state was not restored: epsilon would count this run's steps only. Load "
+    "the private optimizer's own state dict (after make_private), or call engine.load_state_dict(...) with what "
+    "engine.state_dict() saved; if the earlier training did not use this private data, start from a fresh "
+    "optimizer"
 )
 
 
@@ -103,7 +104,7 @@ class PrivacyEngine:
         self.examples: int | None = None  # N, the examples Poisson sampling ranges over
         self._module: nn.Module | None = None
         self._reproducible = False  # seed= given: the random streams are part of the state
-        self._resumed = False  # the optimizer had state before make_private (it was stepped)
+        self._resumed = False  # the optimizer continues an earlier training (its state, or a private checkpoint)
         self._restored = False  # load_state_dict was called
 
     # ------------------------------------------------------------------------------------ setup
@@ -157,7 +158,8 @@ class PrivacyEngine:
         _ATTACHED.add(module)
 
         self.controller, self.optimizer, self.data_loader, self.clipping = controller, dp_optimizer, loader, clipping
-        self.poisson_sampling, self._module, self._resumed = poisson_sampling, module, bool(optimizer.state)
+        resumed = bool(optimizer.state) or any(g.get(PRIVATE_MARK) for g in optimizer.param_groups)
+        self.poisson_sampling, self._module, self._resumed = poisson_sampling, module, resumed
         self.examples = population_size(data_loader, poisson_sampling)  # N
         self.sample_rate = data_loader.batch_size / self.examples
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",

@@ -9,6 +9,8 @@ import math
 
 from torch import nn
 
+from .layers.registry import rule_for
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,10 +30,11 @@ def validate(model: nn.Module) -> list[str]:
             problems.append(f"{where} keeps running statistics of the private data in its buffers, which the "
                             "state_dict would publish without noise; set track_running_stats=False, or "
                             "dpspeed.fix_model(model) does it")
-        elif isinstance(m, nn.RNNBase) and any(p.requires_grad for p in m.parameters(recurse=False)):
-            problems.append(f"{where} has no exact per-example rule in dpspeed yet (its fused recurrent kernel "
-                            "cannot be replayed one example at a time); freeze it (requires_grad_(False)) or "
-                            "build the recurrence from nn.Linear layers")
+        elif (isinstance(m, (nn.RNNBase, nn.RNNCellBase)) and rule_for(m) is None
+              and any(p.requires_grad for p in m.parameters(recurse=False))):
+            problems.append(f"{where} has no exact per-example rule in dpspeed yet (a recurrent layer cannot be "
+                            "replayed one example at a time); freeze it (requires_grad_(False)), build the "
+                            "recurrence from nn.Linear layers, or register a rule for it (dpspeed.register_rule)")
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("the model has no trainable parameters")
     return problems
@@ -73,7 +76,7 @@ def fix_model(model: nn.Module) -> nn.Module:
         else:
             fix_model(child)
             continue
-        device = next(child.parameters(), None)
-        setattr(model, name, replacement.to(device.device) if device is not None else replacement)
+        like = next(child.parameters(), None)  # the replaced layer's device and dtype
+        setattr(model, name, replacement.to(like.device, like.dtype) if like is not None else replacement)
         logger.info("fix_model: %s '%s' -> %s", type(child).__name__, name, replacement)
     return model

@@ -74,6 +74,10 @@ class _GrantedGradients:
                 )
 
 
+#: the key that marks the param groups of a private optimizer's checkpoint
+PRIVATE_MARK = "dpspeed_private"
+
+
 class DPOptimizer(Optimizer):
     """Wraps a torch optimizer; shares its param_groups and state, so LR schedulers work on it.
 
@@ -146,10 +150,14 @@ class DPOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """The wrapped optimizer's state dict, with the engine's privacy state under "dpspeed"."""
+        """The wrapped optimizer's state dict, with the engine's privacy state under "dpspeed" and its
+        param groups marked (PRIVATE_MARK), so that loading it into a torch optimizer (which drops the
+        privacy state) before make_private leaves epsilon refused until the state is restored."""
         state = self.original_optimizer.state_dict()
         if self.privacy_state is not None:
             state["dpspeed"] = self.privacy_state[0]()
+            for group in state["param_groups"]:  # kept by a torch optimizer that loads this: make_private sees it
+                group[PRIVATE_MARK] = True
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

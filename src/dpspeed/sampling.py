@@ -17,8 +17,8 @@ from .noise import SecureStream, sampling_seed, seeded_generator
 
 
 def population(loader: DataLoader) -> torch.Tensor:
-    """The indices of the loader's data set that its sampler ranges over, each once: Poisson
-    sampling draws from exactly these, and N is their number. Never an index the user's sampler
+    """The indices of the loader's data set that its sampler ranges over, each once and sorted:
+    Poisson sampling draws from exactly these, and N is their number. Never an index the user's sampler
     excludes; a sampler whose index set cannot be read, or whose examples are not equally likely,
     is refused with what to do instead."""
     size = len(loader.dataset)
@@ -34,7 +34,7 @@ def population(loader: DataLoader) -> torch.Tensor:
         raise ValueError(f"the loader's {name} {why}; Poisson sampling gives every example the same rate. Give the "
                          "loader the plain data set (or a Subset of it, or a SubsetRandomSampler over the indices "
                          "to train on)")
-    if isinstance(sampler, (RandomSampler, SequentialSampler)):
+    if type(sampler) in (RandomSampler, SequentialSampler):
         return torch.arange(size)
     indices = getattr(sampler, "indices", None)
     if indices is None:
@@ -44,10 +44,11 @@ def population(loader: DataLoader) -> torch.Tensor:
     chosen = torch.as_tensor(list(indices), dtype=torch.long)
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= size):
         raise ValueError(f"the loader's {name} has indices outside the data set of {size} examples")
-    if chosen.unique().numel() != chosen.numel():
+    distinct = chosen.unique()  # sorted: every rank, whatever its order, takes the same share
+    if distinct.numel() != chosen.numel():
         raise ValueError(f"the loader's {name} repeats indices: an example listed twice would be sampled at twice "
                          "the rate the accounting assumes; list each once")
-    return chosen
+    return distinct
 
 
 def population_size(loader: DataLoader, poisson_sampling: bool = True) -> int:
@@ -61,8 +62,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     An epoch has round(1 / sample_rate) batches; some may be empty. The RNG state is part of
     `state_dict`, so a resumed run draws the batches it would have drawn. Across processes, each
-    rank samples its own shard (indices rank, rank + world, ...) at the same rate, so the union of
-    the ranks' batches is a Poisson sample of the whole data set.
+    rank samples its own shard (the indices at positions rank, rank + world, ... of the sorted
+    population) at the same rate, so the union of the ranks' batches is a Poisson sample of the
+    whole population.
     """
 
     def __init__(self, indices: int | torch.Tensor, sample_rate: float, steps: int | None = None,

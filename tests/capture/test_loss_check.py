@@ -222,3 +222,54 @@ def test_shifted_labels_leave_out_the_same_number_per_example_and_pass():
         return F.pad(tokens[:, 1:], (0, 1), value=-100)
 
     _token_run(shifted)
+
+
+def test_a_one_dimensional_output_is_checked():
+    """A regression head squeezed to (B,) crashed the check."""
+    engine, m, opt, loader = _private("bk", model=nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)))
+    xb, yb = next(iter(loader))
+    F.mse_loss(m(xb), yb.float()).backward()
+    opt.step()
+    engine.detach()
+
+    engine, m, opt, loader = _private("bk", model=nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)))
+    xb, yb = next(iter(loader))
+    out = m(xb)
+    with pytest.raises(ValueError, match="the loss mixes the examples"):
+        (out - out.mean()).square().mean().backward()
+    engine.detach()
+
+
+def test_a_compiled_loss_trains_and_is_said_to_be_unchecked(caplog):
+    from dpspeed.capture import loss_check
+
+    loss_check._told_compiled = False
+    compiled = torch.compile(lambda out, y: F.cross_entropy(out, y), backend="eager")
+    with caplog.at_level(logging.WARNING, logger="dpspeed"):
+        _train(compiled)
+    assert "the loss is computed under torch.compile" in caplog.text
+
+
+def test_the_first_steps_outputs_are_saved_as_plain_tensors_and_freed():
+    import gc
+    import io
+    import weakref
+
+    engine, m, opt, loader = _private("bk")
+    xb, yb = next(iter(loader))
+    out = m(xb)
+    buffer = io.BytesIO()
+    torch.save(out, buffer)  # the watch (the running engine) is not saved
+    buffer.seek(0)
+    assert type(torch.load(buffer)) is torch.Tensor
+    F.cross_entropy(out, yb).backward()
+    first = weakref.ref(out)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del out
+        assert first() is None  # no reference cycle through the watch keeps it
+    finally:
+        if enabled:
+            gc.enable()
+    engine.detach()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 from dpspeed import PrivacyEngine
 from tests.helpers.processes import run_ranks, single_process_group
@@ -45,9 +45,15 @@ def _scenario(rank: int, scenario: str) -> dict:
     noise = 0.0 if scenario in ("exact", "buckets") else 1.0
     lr = 0.0 if scenario in ("exact", "noise", "buckets") else 0.5
     batch_size = 1 if scenario == "sparse" else 6  # q = 1/24: most local batches are empty
+    sampler = None
+    if scenario == "split-subsets":  # the same number of examples, different ones on each rank
+        sampler = SubsetRandomSampler(range(12 * rank, 12 * rank + 12))
+    if scenario == "shuffled-subset":  # the same examples, listed in a different order on each rank
+        sampler = SubsetRandomSampler(torch.randperm(12, generator=torch.Generator().manual_seed(rank)).tolist())
     engine = PrivacyEngine()
     model, opt, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=sampler),
         noise_multiplier=noise, max_grad_norm=0.5, max_physical_batch_size=2, loss_reduction="sum",
         seed=None if scenario == "train" else 5,  # unseeded: rank 0's entropy, shared
         clipping_mode="bk",
@@ -204,6 +210,20 @@ def test_ranks_with_different_data_sets_are_refused(tmp_path):
     """They would sample different populations at different rates; epsilon would describe neither."""
     ranks = _run(tmp_path, "unequal", check=False)
     assert all("rank 0: 24 examples, batch_size 6, rank 1: 12 examples" in r["error"] for r in ranks), ranks
+
+
+def test_ranks_sampling_different_subsets_of_one_size_are_refused(tmp_path):
+    ranks = _run(tmp_path, "split-subsets", check=False)
+    assert all("or the same number of different examples" in r["error"] for r in ranks), ranks
+
+
+def test_ranks_listing_one_subset_in_different_orders_take_disjoint_shares(tmp_path):
+    """Each rank shards the sorted indices: in the user's order, an example could fall in both
+    ranks' shares (sampled at twice the rate) and another in none."""
+    ranks = _run(tmp_path, "shuffled-subset")
+    for batch_0, batch_1 in zip(ranks[0]["indices"], ranks[1]["indices"]):
+        assert not set(batch_0) & set(batch_1)
+        assert set(batch_0) | set(batch_1) <= set(range(12))
 
 
 def _make_private(model: nn.Module) -> None:

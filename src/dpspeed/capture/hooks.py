@@ -165,7 +165,7 @@ class Controller:
     def _trace(self, args: tuple, kwargs: dict) -> None:
         """Bind every parameter to the modules that use it, from one traced forward pass."""
         with self.paused():
-            uses = trace_uses(self.model, self.params, args, kwargs, _batch_of(args, kwargs))
+            uses = trace_uses(self.model, self.params, args, kwargs)
         self.first_use_order = uses.order + [n for n in self.params if n not in uses.order]
         self._unbatched = uses.unbatched_calls
         self._install(bind_parameters(self.model, self.params, uses, self._fallback))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .loss_check import MeanDenominatorCheck
 from .trace import replayable
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,15 @@ def _batched_outputs(output, rows: int) -> list[torch.Tensor]:
 
 def check_examples_independent(model: nn.Module, args: tuple, kwargs: dict, rows: int) -> None:
     """Raise ValueError naming the output that changed when another example's inputs did. Call it
-    with recording paused; the random state and the model's buffers are left as they were. With
+    with recording paused; the random state and the model's buffers are left as they were. A loss
+    the model computes itself is checked on the way (`loss_check.MeanDenominatorCheck`). With
     fewer than two rows there is nothing to compare, but the model still runs twice, so that the
     ranks of a sharded model make the same collectives."""
     with replayable(model) as rewind, torch.no_grad():
         changed_args, changed_kwargs = _changed_first_example(args, kwargs, rows) if rows >= 2 else (args, kwargs)
         rewind()
-        before = _batched_outputs(model(*args, **kwargs), rows)
+        with MeanDenominatorCheck(rows):  # and a loss the model computes itself
+            before = _batched_outputs(model(*args, **kwargs), rows)
         rewind()
         after = _batched_outputs(model(*changed_args, **changed_kwargs), rows)
     if rows < 2:

@@ -16,8 +16,8 @@ which follow the loss computation through every torch call, and three things are
   with a probe on one example is exactly zero on every other example. A contrastive loss, a
   batch-mean penalty or a normalisation over the batch gives a non-zero there, and is refused.
   A loss computed inside the model is differentiated against the model's own outputs.
-The same mean computed inside the model (a transformers model given labels) is refused by the
-first forward pass's trace (`trace.py`). Not seen: such a mean computed by other code than torch's
+The same mean computed inside the model (a transformers model given labels) is refused while
+the first training forward pass's independence check runs the model (`independence.py`). Not seen: such a mean computed by other code than torch's
 two losses, and anything after the first step. After the check, torch calls on
 watched tensors return plain tensors.
 """
@@ -30,6 +30,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ _ELEMENTWISE = {
 #: the losses whose mean divides by a count that the batch's targets set (kept or weighted targets)
 TARGET_MEANS = {F.cross_entropy, F.nll_loss}
 
-#: a value of the Hessian-vector product on another example, relative to example 0's, that counts
-#: as a link (for a per-example loss it is exactly zero)
+#: outputs with more elements are not checked (the check holds about three more copies of them)
+MAX_CHECKED = 1 << 28
+
+#: a value of the Hessian-vector product on another example, relative to the probed example's, that
+#: counts as a link (for a per-example loss it is exactly zero)
 TOLERANCE = 1e-6
 
 
@@ -80,6 +84,21 @@ def check_mean_denominator(func, args: tuple, kwargs: dict, rows: int | None) ->
         "(reduction='none', then sum or average over that example's targets) and average those over the batch, "
         "or use reduction='sum' with loss_reduction='sum'"
     )
+
+
+class MeanDenominatorCheck(TorchFunctionMode):
+    """Applies `check_mean_denominator` to the losses a model computes itself (a transformers model
+    given labels), while the model runs (the first training forward pass's independence check)."""
+
+    def __init__(self, rows: int | None):
+        super().__init__()
+        self.rows = rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in TARGET_MEANS:
+            check_mean_denominator(func, args, kwargs, self.rows)
+        return func(*args, **kwargs)
 
 
 class LossWatch:
@@ -119,24 +138,30 @@ class LossWatch:
         """Refuse a loss whose second derivative links two examples' outputs. Examples whose outputs
         are not finite (they are dropped by the clipping) are left out of the comparison."""
         self.done = True
-        if loss.dim() != 0 or not loss.requires_grad or not any(o.requires_grad for o in self.watched):
+        watched, originals, self.watched, self.originals = self.watched, self.originals, [], []  # no cycle
+        if loss.dim() != 0 or not loss.requires_grad or not any(o.requires_grad for o in watched):
             return
-        finite = torch.stack([o.detach().flatten(1).isfinite().all(1) for o in self.watched]).all(0)
+        size = sum(o.numel() for o in watched)
+        if size > MAX_CHECKED:
+            logger.warning("dpspeed did not check that the loss keeps the examples apart: the model's outputs have "
+                           "%d elements, and the check would hold about three more copies of them; make sure each "
+                           "example's loss depends on its own outputs only", size)
+            return
+        finite = torch.stack([o.detach().reshape(o.shape[0], -1).isfinite().all(1) for o in watched]).all(0)
         if int(finite.sum()) < 2:
             return
         probed = int(finite.nonzero()[0])
         try:
             with self.paused():
-                products = _hessian_products(loss, [self.watched, self.originals], probed)
+                moved_rows = _hessian_products(loss, [watched, originals], probed)
         except RuntimeError as err:
             logger.warning("dpspeed could not check that the loss keeps the examples apart (its second derivative "
                            "failed: %s); make sure each example's loss depends on its own outputs only", err)
             return
         others = finite.clone()
         others[probed] = False
-        for k, product in enumerate(products):
-            own = float(product[probed].abs().max()) if product[probed].numel() else 0.0
-            moved = float(product[others].abs().max().nan_to_num(nan=float("inf"))) if product[0].numel() else 0.0
+        for k, rows in enumerate(moved_rows):
+            own, moved = float(rows[probed]), float(rows[others].max().nan_to_num(nan=float("inf")))
             if moved > TOLERANCE * own and moved > 0:
                 raise ValueError(
                     f"the loss mixes the examples of a batch: its gradient for other examples moves with example "
@@ -148,9 +173,9 @@ class LossWatch:
 
 
 def _hessian_products(loss: torch.Tensor, candidates: list[list[torch.Tensor]], probed: int) -> list[torch.Tensor]:
-    """H·v for the loss's Hessian H with respect to the first candidate outputs it depends on, and
-    v = 1 on example `probed`'s outputs, 0 elsewhere (float64); the graph is kept for the user's
-    backward()."""
+    """For H the loss's Hessian with respect to the first candidate outputs it depends on and v = 1
+    on example `probed`'s outputs, 0 elsewhere: the largest |H·v| of each example (B,), float64;
+    the graph is kept for the user's backward()."""
     for outputs in candidates:
         outputs = [o for o in outputs if o.requires_grad]
         grads = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
@@ -169,7 +194,7 @@ def _hessian_products(loss: torch.Tensor, candidates: list[list[torch.Tensor]], 
         probes.append(probe)
     products = torch.autograd.grad([g for _, g in pairs], [o for o, _ in pairs], grad_outputs=probes,
                                    allow_unused=True, retain_graph=True)
-    return [p.detach().double() for p in products if p is not None]
+    return [p.detach().reshape(p.shape[0], -1).abs().amax(1).double() for p in products if p is not None]
 
 
 class WatchedTensor(torch.Tensor):
@@ -177,9 +202,18 @@ class WatchedTensor(torch.Tensor):
 
     _watch: LossWatch
 
+    def __reduce_ex__(self, protocol):
+        """Saved as a plain tensor (the watch is the running engine's)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # a compiled loss or step: not checked, and said so
+            _unchecked_under_compile()
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         watch = next((t._watch for t in tree_flatten((args, kwargs))[0] if isinstance(t, WatchedTensor)), None)
         if watch is None or watch.done:
             with torch._C.DisableTorchFunctionSubclass():
@@ -195,6 +229,19 @@ class WatchedTensor(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
             return _watched(out, watch)
+
+
+@torch.compiler.disable
+def _unchecked_under_compile() -> None:
+    global _told_compiled
+    if not _told_compiled:
+        _told_compiled = True
+        logger.warning("dpspeed did not check that the loss keeps the examples apart: the loss is computed under "
+                       "torch.compile; make sure each example's loss depends on its own outputs only (or let the "
+                       "first step run the loss eagerly)")
+
+
+_told_compiled = False
 
 
 def _watched(tree: Any, watch: LossWatch) -> Any:

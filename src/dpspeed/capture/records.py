@@ -42,7 +42,7 @@ class Call:
     cache: dict = field(default_factory=dict)  # what one rule method computed for another (per call)
     released: bool = False  # clipped, its tensors let go
     #: the autocast state the call ran under: a replay of it runs under the same (records are made
-    #: in the forward pass, replays in the backward pass, where autocast is off)
+    #: in the forward pass, replays in the backward pass or at the step, outside the forward's autocast)
     autocast: list[tuple[str, torch.dtype]] = field(default_factory=autocast_state)
 
     @property

@@ -18,7 +18,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .loss_check import TARGET_MEANS, check_mean_denominator
 from .provenance import BatchProvenance, tensors
 
 
@@ -45,10 +44,9 @@ class _UseRecorder(TorchFunctionMode):
     batch through the calls."""
 
     def __init__(self, params: dict[int, str], stack: list[nn.Module], uses: ParameterUses,
-                 provenance: BatchProvenance, rows: int | None):
+                 provenance: BatchProvenance):
         super().__init__()
         self.params, self.stack, self.uses, self.provenance = params, stack, uses, provenance
-        self.rows = rows  # the batch's examples
         self._contents: dict[nn.Module, dict[int, str]] = {}
 
     def forget_contents(self) -> None:
@@ -65,8 +63,6 @@ class _UseRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in TARGET_MEANS and self.provenance.is_batched((args, kwargs)):
-            check_mean_denominator(func, args, kwargs, self.rows)  # a loss the model computes itself
         out = func(*args, **kwargs)
         if not tensors(out):
             return out  # .shape, .dim() and the like are not uses
@@ -112,14 +108,12 @@ def replayable(model: nn.Module) -> Iterator[Callable[[], None]]:
             rewind()
 
 
-def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, kwargs: dict,
-               rows: int | None = None) -> ParameterUses:
+def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, kwargs: dict) -> ParameterUses:
     """Run `model(*args, **kwargs)` once without gradients, the random state and the buffers restored
     after.
 
     Tensors computed from the model's inputs are followed through every torch call, to tell which
-    modules see batched inputs. A loss the model computes whose mean's denominator the batch's
-    `rows` examples set together is refused (`loss_check.check_mean_denominator`)."""
+    modules see batched inputs."""
     uses = ParameterUses()
     stack: list[nn.Module] = []
     handles = []
@@ -144,7 +138,7 @@ def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, k
         recorder.forget_contents()
 
     provenance = BatchProvenance(tensors((args, kwargs)))
-    recorder = _UseRecorder(dict(names), stack, uses, provenance, rows)
+    recorder = _UseRecorder(dict(names), stack, uses, provenance)
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(module.register_forward_hook(leave, always_call=True))

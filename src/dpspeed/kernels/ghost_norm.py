@@ -24,7 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the torch path is used instead
+except Exception:  # absent, or broken on this machine: the torch path is used instead
     triton = None
 
 #: positions per tile side, and the chunk of features per loaded block

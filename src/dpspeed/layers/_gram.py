@@ -32,18 +32,20 @@ def ghost_sq_norm_and_spread(a: torch.Tensor, g: torch.Tensor,
     cores), raised by gram_error · M^2 for their rounding (precision.py); M = sum_t ||a_t||·||g_t||
     comes from the Grams' diagonals, and is what a book-keeping sum's rounding scales with
     (`spread`). `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v).
-    On a GPU with Triton, one fused kernel computes the same without any T x T matrix in memory."""
+    With DPSPEED_FUSED_GHOST_NORM=1 on a GPU with Triton, one fused kernel computes the same
+    without any T x T matrix in memory (kernels/ghost_norm.py)."""
     if a.shape[1] == 1:
         product = to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
         return product, product.sqrt()
     if fused.available(a, g):
         inner, m = fused.ghost_sq_norm_and_spread(a, g)
         return inner.clamp(min=0) + gram_error(torch.float32) * m.square(), m
-    gram_a = shared.get("gram") if shared is not None else None
+    key = ("gram", a.dtype)  # layers on one input may compute in different dtypes (autocast off for one)
+    gram_a = shared.get(key) if shared is not None else None
     if gram_a is None:
         gram_a = gram(a)
         if shared is not None:
-            shared["gram"] = gram_a
+            shared[key] = gram_a
     gram_g = gram(g)
     inner = torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1)).clamp(min=0)
     m = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)

@@ -3,6 +3,7 @@ on, and the parameters sharded by fully_shard. One process without sharding is t
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable
@@ -56,20 +57,24 @@ class Topology:
             return data_parallel.shared_seed(seed, self.group, self.device)
         return seed if seed is not None else draw_seed()
 
-    def check_same_data(self, dataset_size: int, batch_size: int) -> None:
-        """Every rank samples the same data set at the same rate: each takes its share of the
-        indices, so ranks holding different data sets (or batch sizes) would draw with different
-        rates from different populations, and epsilon would describe neither."""
+    def check_same_data(self, examples: torch.Tensor, batch_size: int) -> None:
+        """Every rank samples the same examples (`examples`: the sorted indices Poisson sampling
+        ranges over) at the same rate: each takes its share of them, so ranks holding different
+        data sets, subsets or batch sizes would draw with different rates from different
+        populations (an example in two ranks' shares twice as often), and epsilon would describe
+        none of them."""
         if not self.distributed:
             return
-        ranks = data_parallel.gathered([dataset_size, batch_size], self.group, self.device)
+        digest = int(hashlib.sha256(examples.cpu().numpy().tobytes()).hexdigest()[:12], 16)
+        ranks = data_parallel.gathered([len(examples), batch_size, digest], self.group, self.device)
         if any(r != ranks[0] for r in ranks):
-            seen = ", ".join(f"rank {i}: {n} examples, batch_size {b}" for i, (n, b) in enumerate(ranks))
+            seen = ", ".join(f"rank {i}: {n} examples, batch_size {b}" for i, (n, b, _) in enumerate(ranks))
             raise ValueError(
-                f"the ranks' data loaders differ ({seen}): every rank must load the whole data set with the same "
-                "batch_size (the expected logical batch size over all ranks); dpspeed gives each rank its share "
-                "of the examples itself. Data split across ranks beforehand: give every rank a data set over all "
-                "of it (each rank reads only the examples of its share)"
+                f"the ranks' data loaders differ ({seen}, or the same number of different examples): every rank "
+                "must load the whole data set (or the same subset of it) with the same batch_size (the expected "
+                "logical batch size over all ranks); dpspeed gives each rank its share of the examples itself. "
+                "Data split across ranks beforehand: give every rank a data set over all of it (each rank reads "
+                "only the examples of its share)"
             )
 
     def shared_key(self) -> bytes:
