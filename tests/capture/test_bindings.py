@@ -115,3 +115,14 @@ def test_bits_convolutions_are_bound_to_their_native_rule():
     rules = _bound_rules(case.model, case.tensors[0])
     convs = {name: rule for name, rule in rules.items() if type(case.model.get_submodule(name)).__name__ == "StdConv2d"}
     assert convs and all(isinstance(rule, StdConvRule) for rule in convs.values())
+
+
+def test_gpt2s_projections_are_bound_to_their_native_rule():
+    """transformers' Conv1D went to the op-tap path; it has a rule."""
+    from dpspeed.layers.linear import Conv1DRule
+    from tests.helpers.models import hf_cases
+
+    case = hf_cases()["hf_gpt2"]()
+    rules = _bound_rules(case.model, case.tensors[0])
+    projections = {n: r for n, r in rules.items() if type(case.model.get_submodule(n)).__name__ == "Conv1D"}
+    assert projections and all(isinstance(rule, Conv1DRule) for rule in projections.values())

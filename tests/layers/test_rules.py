@@ -77,6 +77,7 @@ LAYERS = {
     "instancenorm": (lambda: nn.InstanceNorm2d(3, affine=True), (5, 3, 4, 4)),
     "std_conv2d": (_std_conv, (5, 2, 5, 5)),
     "std_conv2d_grouped_strided_bias": (lambda: _std_conv(groups=2, stride=2, bias=True), (5, 2, 6, 6)),
+    "hf_conv1d": (lambda: pytest.importorskip("transformers").pytorch_utils.Conv1D(3, 4), (5, 2, 4)),
     "groupnorm_act_relu": (lambda: _group_norm_act("relu"), (5, 4, 3, 3)),
     "groupnorm_act_silu": (lambda: _group_norm_act("silu"), (5, 4, 3, 3)),
     "groupnorm_act_none": (lambda: _group_norm_act(None), (5, 4, 3)),

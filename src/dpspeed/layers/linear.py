@@ -75,3 +75,25 @@ class LinearRule(LayerRule):
         return 2.0 * positions**2 * (module.in_features + module.out_features), float(
             positions * module.in_features * module.out_features
         )
+
+
+class Conv1DRule(LinearRule):
+    """transformers' Conv1D (GPT-2's projections): a Linear whose weight is stored transposed,
+    (in, out); everything as for nn.Linear, the weight's gradients transposed back."""
+
+    def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        out = super().per_sample_grads(module, call, names)
+        if "weight" in out:
+            out["weight"] = out["weight"].transpose(1, 2)
+        return out
+
+    def clipped_sum(self, module: nn.Module, call: Call, names, factors) -> dict[str, torch.Tensor]:
+        out = super().clipped_sum(module, call, names, factors)
+        if "weight" in out:
+            out["weight"] = out["weight"].t()
+        return out
+
+    def costs(self, module: nn.Module, call: Call) -> tuple[float, float]:
+        a = call.input()
+        positions = a[0].numel() // a.shape[-1] if a.shape[0] else 1
+        return 2.0 * positions**2 * (module.nx + module.nf), float(positions * module.nx * module.nf)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .conv import ConvRule, StdConvRule
 from .embedding import EmbeddingRule
-from .linear import LinearRule
+from .linear import Conv1DRule, LinearRule
 from .norms import GroupNormActRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
 from .rule import LayerRule
 
@@ -83,6 +83,8 @@ for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_t, InstanceNormRule())
 # timm's LayerNorm is nn.LayerNorm with an optional fused kernel: F.layer_norm over the last dims
 register_rule("timm.layers.norm.LayerNorm", LayerNormRule())
+# transformers' Conv1D (GPT-2): a Linear with its weight stored transposed
+register_rule("transformers.pytorch_utils.Conv1D", Conv1DRule())
 # timm's StdConv2d (BiT): a convolution of its weight standardised per output channel
 register_rule("timm.layers.std_conv.StdConv2d", StdConvRule())
 # timm's GroupNormAct (BiT): GroupNorm, then an activation, in one module
