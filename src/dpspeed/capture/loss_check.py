@@ -194,7 +194,8 @@ def _hessian_products(loss: torch.Tensor, candidates: list[list[torch.Tensor]], 
         probes.append(probe)
     products = torch.autograd.grad([g for _, g in pairs], [o for o, _ in pairs], grad_outputs=probes,
                                    allow_unused=True, retain_graph=True)
-    return [p.detach().reshape(p.shape[0], -1).abs().amax(1).double() for p in products if p is not None]
+    return [p.detach().reshape(p.shape[0], -1).abs().amax(1).double()
+            for p in products if p is not None and p[0].numel()]
 
 
 class WatchedTensor(torch.Tensor):

@@ -139,3 +139,9 @@ class StdConvRule(ConvRule):
         if "bias" in out:
             out["bias"] = to_acc(out["bias"])
         return out
+
+    # ConvRule's products are for w_hat, not w: only the explicit path applies
+    ghost_sq_norms = LayerRule.ghost_sq_norms
+    clipped_sum = LayerRule.clipped_sum
+    sum_rounding = LayerRule.sum_rounding
+    costs = LayerRule.costs

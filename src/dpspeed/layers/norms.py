@@ -76,10 +76,12 @@ class GroupNormActRule(LayerRule):
     sum(g) per example and channel, in float32 (float64 for float64). The activation's own
     parameters, if any, belong to its own module."""
 
+    def covers(self, module: nn.Module) -> bool:
+        """Not with a drop layer (a random mask) or an activation with trainable parameters (a
+        PReLU: its own binding's records go wrong under this one's); those take the op taps."""
+        return isinstance(module.drop, nn.Identity) and not any(p.requires_grad for p in module.act.parameters())
+
     def per_sample_grads(self, module: nn.GroupNorm, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        if not isinstance(module.drop, nn.Identity):
-            raise RuntimeError("GroupNormAct with a drop layer draws a random mask dpspeed cannot replay per example; "
-                               "build it without drop_layer")
         x, g = to_acc(call.input()), to_acc(call.grad())
         weight, bias = (None if p is None else p.detach().to(x.dtype) for p in (module.weight, module.bias))
         with torch.enable_grad():

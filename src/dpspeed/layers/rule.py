@@ -27,6 +27,11 @@ class LayerRule:
     def validate(self, module: nn.Module) -> None:
         """Raise ValueError if this module's configuration cannot be handled exactly."""
 
+    def covers(self, module: nn.Module) -> bool:
+        """Whether the rule handles this module's configuration; False sends the module to the
+        fallback (which replays it exactly, if slowly) instead."""
+        return True
+
     def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """Per-example gradients, name -> tensor of shape (B, *param.shape)."""
         raise NotImplementedError
