@@ -7,9 +7,7 @@ thread, non-private beside dpspeed's modes: GPT-2's projections are transformers
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +15,8 @@ import transformers
 from torch import nn
 
 from dpspeed.bench.setups import NON_PRIVATE, Setup
-from dpspeed.bench.study import environment
+from dpspeed.bench.study import write_result
+from dpspeed.bench.timing import timed_step
 
 
 class LastLogits(nn.Module):
@@ -47,18 +46,12 @@ def main() -> None:
         setup = Setup(base, mode)
         for _ in range(2):
             setup.step(x, y, "fp32", last=True)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            setup.step(x, y, "fp32", last=True)
-            times.append(time.perf_counter() - start)
+        times = [timed_step(setup, x, y, "fp32", last=True) for _ in range(args.steps)]
         setup.close()
         rows.append({"mode": mode, "ms_median": 1e3 * statistics.median(times)})
         print(f"{mode:12s} {rows[-1]['ms_median']:7.1f} ms/step", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": environment(torch.device("cpu")),
-                                        "args": {**vars(args), "out": str(args.out)}, "results": rows}, indent=1))
+        write_result(args.out, torch.device("cpu"), args, rows)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,15 @@ CPU thread, where the arithmetic is negligible and the step time is mostly per-o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 from dpspeed.bench.setups import Setup
-from dpspeed.bench.study import environment
+from dpspeed.bench.study import write_result
+from dpspeed.bench.timing import timed_step
 
 
 def main() -> None:
@@ -35,18 +34,12 @@ def main() -> None:
         setup = Setup(base, mode)
         for _ in range(3):
             setup.step(x, y, args.precision, last=True)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            setup.step(x, y, args.precision, last=True)
-            times.append(time.perf_counter() - start)
+        times = [timed_step(setup, x, y, args.precision, last=True) for _ in range(args.steps)]
         setup.close()
         rows.append({"mode": mode, "ms_median": 1e3 * statistics.median(times)})
         print(f"{mode:12s} {rows[-1]['ms_median']:7.1f} ms/step", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": environment(torch.device("cpu")), "args": {**vars(args), "out": str(args.out)},
-                                        "results": rows}, indent=1))
+        write_result(args.out, torch.device("cpu"), args, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
 
 import timm
@@ -22,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpspeed.bench.setups import NON_PRIVATE, Setup
-from dpspeed.bench.study import environment
+from dpspeed.bench.study import write_result
 from dpspeed.profiling import SectionTimer
 
 MATMUL = {"mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_convolution", "linear", "matmul",
@@ -106,9 +105,7 @@ def main() -> None:
         print(f"{mode:12s} {rows[mode]['kernels']:6d} ops ({ratio:.2f}x non-private)  {rows[mode]['by_category']}",
               flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": environment(torch.device("cpu")),
-                                        "args": {**vars(args), "out": str(args.out)}, "results": rows}, indent=1))
+        write_result(args.out, torch.device("cpu"), args, rows)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,14 @@ def environment(device: torch.device) -> dict:
             "versions": versions, "commit": source_commit(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def write_result(out: Path, device: torch.device, args: object, results: object) -> None:
+    """A benchmark script's JSON: the environment (device, versions, commit), its arguments, its
+    results."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out.write_text(json.dumps({"environment": environment(device), "args": arguments, "results": results}, indent=1))
+
+
 class OverMemoryLimit(torch.OutOfMemoryError):
     """A step needed more than the --memory-limit given to the bench."""
 
