@@ -77,16 +77,17 @@ class GroupNormActRule(LayerRule):
     parameters, if any, belong to its own module."""
 
     def covers(self, module: nn.Module) -> bool:
-        """Not with a drop layer (a random mask) or an activation with trainable parameters (a
-        PReLU: its own binding's records go wrong under this one's); those take the op taps."""
-        return isinstance(module.drop, nn.Identity) and not any(p.requires_grad for p in module.act.parameters())
+        """Not with a drop layer (a random mask to replay): that takes the op taps."""
+        return isinstance(module.drop, nn.Identity)
 
     def per_sample_grads(self, module: nn.GroupNorm, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         x, g = to_acc(call.input()), to_acc(call.grad())
         weight, bias = (None if p is None else p.detach().to(x.dtype) for p in (module.weight, module.bias))
         with torch.enable_grad():
             pre = F.group_norm(x, module.num_groups, weight, bias, module.eps).requires_grad_()
-            (g_pre,) = torch.autograd.grad(module.act(pre.clone()), pre, g)  # (a clone: acts may work in place)
+            # forward(), not __call__: the activation's hooks (a PReLU's own binding) must not record this
+            # replay; a clone, since activations may work in place
+            (g_pre,) = torch.autograd.grad(module.act.forward(pre.clone()), pre, g)
         batch, channels = g.shape[0], g.shape[1]
         out = {}
         if "weight" in names:
