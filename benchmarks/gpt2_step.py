@@ -7,16 +7,15 @@ thread, non-private beside dpspeed's modes: GPT-2's projections are transformers
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
-from dpspeed.bench.setups import NON_PRIVATE, Setup
+from dpspeed.bench.setups import NON_PRIVATE
 from dpspeed.bench.study import write_result
-from dpspeed.bench.timing import timed_step
+from dpspeed.bench.timing import whole_step_ms
 
 
 class LastLogits(nn.Module):
@@ -41,15 +40,9 @@ def main() -> None:
     config = transformers.GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=4, n_head=4)
     base = LastLogits(transformers.GPT2LMHeadModel(config))
     x, y = torch.randint(0, 500, (8, 64)), torch.randint(0, 500, (8,))
-    rows = []
-    for mode in [NON_PRIVATE, *args.modes]:
-        setup = Setup(base, mode)
-        for _ in range(2):
-            setup.step(x, y, "fp32", last=True)
-        times = [timed_step(setup, x, y, "fp32", last=True) for _ in range(args.steps)]
-        setup.close()
-        rows.append({"mode": mode, "ms_median": 1e3 * statistics.median(times)})
-        print(f"{mode:12s} {rows[-1]['ms_median']:7.1f} ms/step", flush=True)
+    rows = whole_step_ms(base, [NON_PRIVATE, *args.modes], x, y, "fp32", args.steps, warmup=2)
+    for row in rows:
+        print(f"{row['mode']:12s} {row['ms_median']:7.1f} ms/step")
     if args.out:
         write_result(args.out, torch.device("cpu"), args, rows)
 

@@ -7,15 +7,13 @@ CPU thread, where the arithmetic is negligible and the step time is mostly per-o
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import timm
 import torch
 
-from dpspeed.bench.setups import Setup
 from dpspeed.bench.study import write_result
-from dpspeed.bench.timing import timed_step
+from dpspeed.bench.timing import whole_step_ms
 
 
 def main() -> None:
@@ -29,15 +27,9 @@ def main() -> None:
     torch.manual_seed(0)
     base = timm.create_model("vit_base_patch16_224", embed_dim=32, num_heads=2, img_size=32, num_classes=10)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    rows = []
-    for mode in args.modes:
-        setup = Setup(base, mode)
-        for _ in range(3):
-            setup.step(x, y, args.precision, last=True)
-        times = [timed_step(setup, x, y, args.precision, last=True) for _ in range(args.steps)]
-        setup.close()
-        rows.append({"mode": mode, "ms_median": 1e3 * statistics.median(times)})
-        print(f"{mode:12s} {rows[-1]['ms_median']:7.1f} ms/step", flush=True)
+    rows = whole_step_ms(base, args.modes, x, y, args.precision, args.steps, warmup=3)
+    for row in rows:
+        print(f"{row['mode']:12s} {row['ms_median']:7.1f} ms/step")
     if args.out:
         write_result(args.out, torch.device("cpu"), args, rows)
 

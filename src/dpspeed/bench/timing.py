@@ -8,6 +8,7 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..profiling import SectionTimer, sync
@@ -32,6 +33,21 @@ def timed_step(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, l
     setup.step(x, y, precision, last=last)
     sync(x.device)
     return clock() - start
+
+
+def whole_step_ms(base: nn.Module, modes: list[str], x: torch.Tensor, y: torch.Tensor, precision: str, steps: int,
+                  warmup: int) -> list[dict]:
+    """Per mode, on its own copy of `base`: the median milliseconds of a whole step (the last
+    physical batch of a logical one: noise and update included)."""
+    rows = []
+    for mode in modes:
+        setup = Setup(base, mode)
+        for _ in range(warmup):
+            setup.step(x, y, precision, last=True)
+        times = [timed_step(setup, x, y, precision, last=True) for _ in range(steps)]
+        setup.close()
+        rows.append({"mode": mode, "ms_median": 1e3 * statistics.median(times)})
+    return rows
 
 
 def throughput(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, repeats: int, warmup: int) -> dict:
