@@ -10,14 +10,14 @@ from dpspeed import PrivacyEngine, fix_model, validate
 
 
 def _model_with_every_problem() -> nn.Module:
-    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LSTM(4, 4), nn.BatchNorm1d(4),
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LSTM(4, 4, proj_size=2), nn.BatchNorm1d(4),
                          nn.InstanceNorm1d(4, track_running_stats=True))
 
 
 def test_validate_lists_every_problem_and_make_private_says_them_all():
     problems = validate(_model_with_every_problem())
     assert [p.split(" at ")[0] for p in problems] == ["BatchNorm1d", "LSTM", "BatchNorm1d", "InstanceNorm1d"]
-    assert "fix_model" in problems[0] and "requires_grad_(False)" in problems[1]
+    assert "fix_model" in problems[0] and "proj_size" in problems[1]
     model = _model_with_every_problem()
     with pytest.raises(ValueError, match=r"4 problem\(s\)") as refused:
         PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -29,10 +29,14 @@ def test_validate_lists_every_problem_and_make_private_says_them_all():
 
 
 @pytest.mark.parametrize("recurrent", [nn.RNN, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell])
-def test_a_trainable_recurrent_layer_is_refused_clearly_and_a_frozen_one_trains(recurrent):
-    """(RNN, LSTM and GRU crashed inside clipping.) A frozen one has no gradient to privatise."""
+def test_a_recurrent_layer_without_its_rule_is_refused_clearly(recurrent, fresh_registry):
+    """(RNN, LSTM and GRU crashed inside clipping.) Their built-in rules taken away, the refusal says
+    what to do; a frozen one has no gradient to privatise."""
+    from dpspeed.layers import registry
+
+    del registry._BY_TYPE[recurrent]
     model = nn.Sequential(recurrent(3, 5))
-    assert "no exact per-example rule" in validate(model)[0]
+    assert "no exact per-example rule" in validate(model)[0] and "requires_grad_(False)" in validate(model)[0]
     model[0].requires_grad_(False)
     assert validate(model) == ["the model has no trainable parameters"]
 

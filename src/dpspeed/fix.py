@@ -30,14 +30,31 @@ def validate(model: nn.Module) -> list[str]:
             problems.append(f"{where} keeps running statistics of the private data in its buffers, which the "
                             "state_dict would publish without noise; set track_running_stats=False, or "
                             "dpspeed.fix_model(model) does it")
-        elif (isinstance(m, (nn.RNNBase, nn.RNNCellBase)) and rule_for(m) is None
-              and any(p.requires_grad for p in m.parameters(recurse=False))):
-            problems.append(f"{where} has no exact per-example rule in dpspeed yet (a recurrent layer cannot be "
-                            "replayed one example at a time); freeze it (requires_grad_(False)), build the "
-                            "recurrence from nn.Linear layers, or register a rule for it (dpspeed.register_rule)")
+        elif any(p.requires_grad for p in m.parameters(recurse=False)):
+            problem = _rule_problem(m)
+            if problem:
+                params = ", ".join(f"{name}.{n}" if name else n for n, p in m.named_parameters(recurse=False)
+                                   if p.requires_grad)
+                problems.append(f"{where} (parameters {params}) {problem}")
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("the model has no trainable parameters")
     return problems
+
+
+def _rule_problem(module: nn.Module) -> str | None:
+    """Why the module's trainable parameters would be refused: no rule for a recurrent layer (which
+    the fallback cannot replay), or a configuration its rule does not handle."""
+    rule = rule_for(module)
+    if rule is None:
+        if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+            return ("has no exact per-example rule (a recurrent layer cannot be replayed one example at a time); "
+                    "freeze it (requires_grad_(False)) or register a rule for it (dpspeed.register_rule)")
+        return None
+    try:
+        rule.validate(module)
+    except ValueError as err:
+        return f"cannot be privatised: {err}"
+    return None
 
 
 def _group_norm_for(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:

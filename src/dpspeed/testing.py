@@ -2,8 +2,10 @@
 against: each example's gradient from its own forward and backward pass (plain autograd), clipped
 per group and summed. Nothing here shares code with the library's clipping.
 
-    from dpspeed.testing import check_rule
-    check_rule(MyLayer(4, 3), torch.randn(5, 4))   # raises AssertionError naming the failing case
+    from dpspeed.testing import check_model, check_rule
+    check_model(model.double(), x.double(), y)     # a whole model, your data, per-example losses
+    check_rule(MyLayer(4, 3), torch.randn(5, 4))   # one layer and its rule
+    # each raises AssertionError naming the mode, style and batching that differ
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import warnings
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -124,15 +127,16 @@ def _reduced(per_example_loss: PerExampleLoss, reduction: str) -> Loss:
     return loss
 
 
-def check_model(model: nn.Module, per_example_loss: PerExampleLoss, tensors: Sequence[torch.Tensor], *,
+def check_losses(model: nn.Module, per_example_loss: PerExampleLoss, tensors: Sequence[torch.Tensor], *,
                 modes: Sequence[str] = ONE_PASS_MODES, styles: Sequence = ("all-layer", "param-wise"),
                 batching: Sequence[tuple[str, int | None]] = (("mean", 2), ("sum", None)),
                 max_grad_norm: float = 0.5, clipping_fn: str = "abadi", rtol: float = 1e-6) -> None:
     """dpspeed's clipped sum equals the reference for every mode x style x (loss reduction,
     physical batch size); raises AssertionError naming the first combination that differs.
 
-    `per_example_loss(model, batch)` gives each example's loss; `tensors` are the batch (one row
-    per example). Run it in float64 (`model.double()`) for the default tolerance."""
+    `per_example_loss(model, batch)` gives each example's loss from a batch of `tensors` (one row
+    per example each): for models called other than model(inputs). Run it in float64
+    (`model.double()`) for the default tolerance."""
     tensors = tuple(tensors)
     n = len(tensors[0])
     examples = [tuple(t[i : i + 1] for t in tensors) for i in range(n)]
@@ -154,11 +158,38 @@ def check_model(model: nn.Module, per_example_loss: PerExampleLoss, tensors: Seq
             raise AssertionError(f"mode={mode} style={style} loss_reduction={reduction} physical={physical}: {err}") from err
 
 
+def check_model(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor | None = None,
+                loss_fn: Callable[..., torch.Tensor] | None = None, **options) -> None:
+    """dpspeed trains `model` exactly as the one-example-at-a-time reference does: its clipped
+    gradient sum equals the reference's in every clipping mode and style checked (`check_losses`
+    for the options); raises AssertionError naming the first combination that differs.
+
+    `inputs` (a tensor, or a tuple for model(*inputs)) and `targets` have one row per example;
+    `loss_fn(outputs, targets)`, or `loss_fn(outputs)` without targets, gives each example's loss,
+    shape (B,) (default: cross-entropy per example). Run it in float64 (`model.double()`).
+
+        check_model(model.double(), x.double(), y, modes=["bk", "auto"])
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    count = len(inputs)
+    loss_fn = loss_fn or (lambda outputs, y: F.cross_entropy(outputs, y, reduction="none"))
+
+    def per_example_loss(m: nn.Module, batch: tuple) -> torch.Tensor:
+        outputs = m(*batch[:count])
+        losses = loss_fn(outputs) if targets is None else loss_fn(outputs, batch[count])
+        if losses.shape != (len(batch[0]),):
+            raise ValueError(f"loss_fn must give one loss per example, shape ({len(batch[0])},); got "
+                             f"{tuple(losses.shape)} (use reduction='none', and reduce each example's own terms)")
+        return losses
+
+    check_losses(model, per_example_loss, inputs if targets is None else (*inputs, targets), **options)
+
+
 def check_rule(module: nn.Module, *inputs: torch.Tensor, seed: int = 0, **options) -> None:
     """The per-example gradients dpspeed computes for `module` (through its registered rule, or the
     fallback) are exact: a float64 copy of the module is trained on `inputs` (one row per example)
     with a loss that weighs every output coordinate differently, in every clipping mode; see
-    `check_model` for the options. Raises AssertionError naming the failing case."""
+    `check_losses` for the options. Raises AssertionError naming the failing case."""
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(module).double()
     tensors = tuple(t.double() if t.is_floating_point() else t for t in inputs)
@@ -169,4 +200,4 @@ def check_rule(module: nn.Module, *inputs: torch.Tensor, seed: int = 0, **option
     def per_example_loss(m: nn.Module, batch: tuple) -> torch.Tensor:
         return (m(*batch) * weights).flatten(1).sum(1) ** 2
 
-    check_model(model, per_example_loss, tensors, **options)
+    check_losses(model, per_example_loss, tensors, **options)

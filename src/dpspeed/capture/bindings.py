@@ -41,7 +41,7 @@ def _placements(model: nn.Module, params: dict[str, nn.Parameter], uses: Paramet
 
 def _rule(module: nn.Module, names: dict[str, str], fallback: Fallback, where: str) -> LayerRule:
     rule = rule_for(module)
-    if rule is None or not all(n in rule.params for n in names) or not rule.covers(module):
+    if rule is None or not all(rule.declares(n) for n in names) or not rule.covers(module):
         return fallback(all("." not in n for n in names))
     try:
         rule.validate(module)

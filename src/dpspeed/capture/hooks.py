@@ -26,6 +26,7 @@ from .bindings import bind_parameters, owner_of
 from .independence import check_examples_independent
 from .loss_check import watch_loss
 from .op_taps import OpTaps
+from .own_forward import OwnForward
 from .records import Binding, Call, OpUse, Recording, TapSpec
 from .trace import trace_uses
 
@@ -141,6 +142,8 @@ class Controller:
                 self._binding_hooks += taps.install()
                 if b.module is self.model:
                     self._root_taps = taps
+            elif b.rule.records_inside:
+                self._binding_hooks.append(OwnForward(b.module, self._make_recorded_forward(b)))
             else:
                 self._binding_hooks.append(b.module.register_forward_hook(self._make_tap(b), with_kwargs=True))
 
@@ -324,6 +327,25 @@ class Controller:
             return tree_unflatten(self._tap_leaves(binding, call, leaves, rows, broadcast), spec)
 
         return tap
+
+    def _make_recorded_forward(self, binding: Binding):
+        """The forward of a module whose rule records inside it: the rule's while recording, the
+        module's own otherwise (evaluation, no_grad, the checks' replays)."""
+
+        @torch.compiler.disable
+        def forward(own: Callable, args: tuple, kwargs: dict):
+            if not self._recording():
+                return own(*args, **kwargs)
+
+            def tap(inputs: tuple, leaves: list, info: dict | None = None) -> None:
+                rows = inputs[0].shape[0]
+                call = Call(inputs, kwargs=info or {},
+                            rows_per_example=self._rows_per_example(binding, rows, self._pass_batch or rows))
+                self._tap_leaves(binding, call, leaves, rows)
+
+            return binding.rule.record_forward(binding.module, args, kwargs, tap)
+
+        return forward
 
     def _on_op_use(self, binding: Binding, use: OpUse, leaves: list) -> list:
         """Tap the output of an op that combined a bound module's bare parameters with the batch."""

@@ -41,6 +41,10 @@ class OpTapRecorder(TorchFunctionMode):
         self._submodules_running = 0
         self._recipes: dict[int, Recipe] = {}
 
+    @property
+    def suspended(self) -> bool:
+        return self._submodules_running > 0
+
     def suspend(self) -> None:
         """Stop watching while a submodule runs (the parameters are used in this module's own code);
         submodules of submodules nest."""
@@ -79,6 +83,31 @@ class OpTapRecorder(TorchFunctionMode):
             return func(*a, **k)
 
         self._recipes[id(output)] = recipe
+
+    def crossing(self, tree: Any, where: str) -> Any:
+        """`tree` (a submodule's inputs, or the module's output) with every parameter-derived tensor
+        that leaves the watched code without having met the batch made a use of its own (an
+        identity, tapped), so that its gradient is taken per example; None when there is none. Such
+        a tensor must be expanded to the batch in dimension 0: in any other layout, which rows
+        are which example's is unknown, and it is refused."""
+        leaves, spec = tree_flatten(tree)
+        found = False
+        for i, leaf in enumerate(leaves):
+            recipe = self._recipe(leaf)
+            if recipe is None:
+                continue
+            if leaf.dim() == 0 or leaf.shape[0] != self.batch:
+                raise RuntimeError(
+                    f"a tensor computed from the parameters {sorted(set(self.params.values()))} alone (shape "
+                    f"{tuple(leaf.shape)}) {where} without meeting the batch, and not expanded to the batch in "
+                    "dimension 0: dpspeed cannot tell each example's share of its gradient. Expand it to "
+                    "(batch, ...) there, or make the parameter one of a module that has a rule")
+            use = OpUse(args=(), kwargs={}, func=torch.clone, leaves=[leaf], spec=tree_flatten(((leaf,), {}))[1],
+                        recipes={0: recipe}, batched=[], values=self.values)
+            leaves[i] = self.on_use(use, [torch.clone(leaf)])[0]
+            self.provenance.mark([leaves[i]])
+            found = True
+        return tree_unflatten(leaves, spec) if found else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -147,15 +176,21 @@ class OpTaps:
         recorder.__enter__()
 
     @torch.compiler.disable
-    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output):
         recorder = self._recorders.pop() if self._recorders else None
-        if recorder is not None:
-            recorder.__exit__(None, None, None)
+        if recorder is None:
+            return None
+        recorder.__exit__(None, None, None)
+        return recorder.crossing(output, f"is returned by '{self.binding.name or '<root>'}'")
 
     @torch.compiler.disable
-    def child_enter(self, child: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recorders and self._recorders[-1] is not None:
-            self._recorders[-1].suspend()
+    def child_enter(self, child: nn.Module, args: tuple, kwargs: dict):
+        recorder = self._recorders[-1] if self._recorders else None
+        if recorder is None:
+            return None
+        outermost = not recorder.suspended
+        recorder.suspend()  # first: the crossing's own torch calls are not to be watched
+        return recorder.crossing((args, kwargs), f"enters {type(child).__name__}") if outermost else None
 
     @torch.compiler.disable
     def child_leave(self, child: nn.Module, args: tuple, kwargs: dict, output) -> None:

@@ -22,6 +22,14 @@ def flatten_positions(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
 
+def linear_costs(a: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
+    """(ghost, explicit) multiply-adds per example of a Linear's weight norm, from its input (B, ..., d)
+    and output gradient (B, ..., p): 2 T^2 (d + p) for the two Gram matrices, T d p for the gradient."""
+    positions = a[0].numel() // a.shape[-1] if a.shape[0] else 1
+    d, p = a.shape[-1], g.shape[-1]
+    return 2.0 * positions**2 * (d + p), float(positions * d * p)
+
+
 def bias_terms(g: torch.Tensor) -> torch.Tensor:
     """Per-sample bias gradients: the output gradient summed over positions, (B, p)."""
     return g.sum(1)
@@ -70,11 +78,7 @@ class LinearRule(LayerRule):
         return {"weight": rounding * (spread(*flatten_positions(call)) if m is None else m)}
 
     def costs(self, module: nn.Linear, call: Call) -> tuple[float, float]:
-        a = call.input()
-        positions = a[0].numel() // a.shape[-1] if a.shape[0] else 1
-        return 2.0 * positions**2 * (module.in_features + module.out_features), float(
-            positions * module.in_features * module.out_features
-        )
+        return linear_costs(call.input(), call.grad())
 
 
 class Conv1DRule(LinearRule):
@@ -92,8 +96,3 @@ class Conv1DRule(LinearRule):
         if "weight" in out:
             out["weight"] = out["weight"].t()
         return out
-
-    def costs(self, module: nn.Module, call: Call) -> tuple[float, float]:
-        a = call.input()
-        positions = a[0].numel() // a.shape[-1] if a.shape[0] else 1
-        return 2.0 * positions**2 * (module.nx + module.nf), float(positions * module.nx * module.nf)

@@ -36,5 +36,14 @@ class ParameterOpRule(LayerRule):
 
         values = call.values or {n: module.get_parameter(n).detach() for n in names}
         batched = [call.leaves[i].unsqueeze(1) for i in call.batched]
-        return per_example_pullback(outputs, values, batched, 0, call, self.pause_recording,
-                                    f"an op on {type(module).__name__}'s parameters")
+        try:
+            return per_example_pullback(outputs, values, batched, 0, call, self.pause_recording,
+                                        f"an op on {type(module).__name__}'s parameters")
+        except RuntimeError as err:
+            if "Mismatch in shape" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{getattr(call.func, '__name__', call.func)} on the parameters {names} of {type(module).__name__} cannot be replayed for one "
+                "example: a tensor computed from them alone was expanded to the batch in a dimension other than "
+                "the first. Expand it to (batch, ...) instead, or make the parameter one of a module that has "
+                "a rule") from err

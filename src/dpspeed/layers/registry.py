@@ -8,10 +8,12 @@ from typing import Callable, TypeVar, overload
 
 from torch import nn
 
+from .attention import AttentionRule
 from .conv import ConvRule, StdConvRule
 from .embedding import EmbeddingRule
 from .linear import Conv1DRule, LinearRule
 from .norms import GroupNormActRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from .recurrent import CellRule, RecurrentRule
 from .rule import LayerRule
 
 _BY_TYPE: dict[type, LayerRule] = {}
@@ -81,6 +83,11 @@ register_rule(nn.RMSNorm, RMSNormRule())
 register_rule(nn.GroupNorm, GroupNormRule())
 for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_t, InstanceNormRule())
+register_rule(nn.MultiheadAttention, AttentionRule())
+for _t in (nn.RNN, nn.LSTM, nn.GRU):
+    register_rule(_t, RecurrentRule())
+for _t in (nn.RNNCell, nn.LSTMCell, nn.GRUCell):
+    register_rule(_t, CellRule())
 # timm's LayerNorm is nn.LayerNorm with an optional fused kernel: F.layer_norm over the last dims
 register_rule("timm.layers.norm.LayerNorm", LayerNormRule())
 # transformers' Conv1D (GPT-2): a Linear with its weight stored transposed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,6 +25,13 @@ class LayerRule:
     params: tuple[str, ...] = ("weight", "bias")
     #: whether `ghost_sq_norms` is implemented (norms without per-example gradients)
     ghost: bool = False
+    #: whether the module's recorded forward calls run through `record_forward` (the rule needs
+    #: tensors from inside the module: a recurrent layer's states), not a hook on its output
+    records_inside: bool = False
+
+    def declares(self, name: str) -> bool:
+        """Whether the rule covers the parameter `name` (its name inside the module)."""
+        return name in self.params
 
     def validate(self, module: nn.Module) -> None:
         """Raise ValueError if this module's configuration cannot be handled exactly."""
@@ -31,6 +40,15 @@ class LayerRule:
         """Whether the rule handles this module's configuration; False sends the module to the
         fallback (which replays it exactly, if slowly) instead."""
         return True
+
+    def record_forward(self, module: nn.Module, args: tuple, kwargs: dict,
+                       tap: Callable[..., None]) -> object:
+        """With `records_inside`: the module's output for `args`, `kwargs`, computed so that
+        `tap(inputs, leaves, info=None)` is called once with the tensors the rule's methods read as
+        the call's args, the intermediate tensors whose gradients they read (one row per example,
+        each requiring grad), which come back as the call's output gradients in that order, and
+        a dict of anything else they read, kept as the call's kwargs."""
+        raise NotImplementedError
 
     def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """Per-example gradients, name -> tensor of shape (B, *param.shape)."""
