@@ -60,3 +60,32 @@ def test_fix_model_keeps_the_features_of_a_batchnorm1d_over_vectors():
     assert out.abs().mean() > 0.5  # normalised, not zeroed
     assert validate(model) == []
     assert fix_model(nn.Sequential(nn.BatchNorm2d(4).double()))[0].weight.dtype == torch.float64
+
+
+def test_fix_model_keeps_the_activation_of_timms_batchnormact():
+    """A BatchNormAct2d (EfficientNet) became a bare GroupNorm: every SiLU after a norm was lost."""
+    timm = pytest.importorskip("timm")
+    model = fix_model(timm.create_model("efficientnet_b0", num_classes=3))
+    assert isinstance(model.bn1, timm.layers.GroupNormAct) and isinstance(model.bn1.act, nn.SiLU)
+    assert validate(model) == []
+    norm = model.bn1
+    x = torch.randn(2, 32, 4, 4)
+    assert torch.allclose(norm(x), nn.functional.silu(nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias)))
+
+
+def test_fix_model_refuses_a_batchnorm_with_layers_it_does_not_know():
+    class NormThenGate(nn.BatchNorm1d):
+        def __init__(self):
+            super().__init__(4)
+            self.gate = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=r"NormThenGate.*\['gate'\]"):
+        fix_model(nn.Sequential(NormThenGate()))
+
+
+def test_fix_model_takes_the_number_of_groups():
+    model = fix_model(nn.Sequential(nn.Conv2d(1, 8, 1), nn.BatchNorm2d(8), nn.Sequential(nn.BatchNorm1d(4))),
+                      num_groups=2)
+    assert model[1].num_groups == 2 and model[2][0].num_groups == 2
+    with pytest.raises(ValueError, match=r"num_groups=3 does not divide the 8 channels of BatchNorm2d at '1'"):
+        fix_model(nn.Sequential(nn.Conv2d(1, 8, 1), nn.BatchNorm2d(8)), num_groups=3)

@@ -57,19 +57,46 @@ def _rule_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _group_norm_for(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """A per-example normalisation in place of a BatchNorm. BatchNorm1d normalises (B, C) or
-    (B, C, L) inputs: one group over all channels (a group per channel would normalise a single
-    value of a (B, C) input to zero); with one channel there is nothing to normalise per example,
-    and it becomes an Identity. Images and volumes: gcd(32, C) groups."""
+def _groups(norm: nn.modules.batchnorm._BatchNorm, where: str, num_groups: int | None) -> int:
+    """num_groups when given (it must divide the channels), else one group over the channels of a
+    BatchNorm1d (whose input may be (B, C): a group per channel would normalise a single value to
+    zero) and gcd(32, C) for images and volumes."""
     channels = norm.num_features
-    if isinstance(norm, nn.BatchNorm1d):
-        if channels == 1:
-            logger.warning("fix_model: a BatchNorm1d of one feature becomes an Identity (normalising one value "
-                           "per example would zero it)")
-            return nn.Identity()
-        return nn.GroupNorm(1, channels, affine=norm.affine)
-    return nn.GroupNorm(math.gcd(32, channels), channels, affine=norm.affine)
+    if num_groups is None:
+        return 1 if isinstance(norm, nn.BatchNorm1d) else math.gcd(32, channels)
+    if channels % num_groups:
+        raise ValueError(f"fix_model: num_groups={num_groups} does not divide the {channels} channels of "
+                         f"{type(norm).__name__} at '{where}'")
+    return num_groups
+
+
+def _group_norm_act_for(norm: nn.modules.batchnorm._BatchNorm, groups: int) -> nn.Module:
+    """timm's BatchNormAct2d (EfficientNet, RegNet) normalises, then applies its own drop and
+    activation layers: a GroupNormAct keeping them (a bare GroupNorm would drop the activation)."""
+    from timm.layers.norm_act import GroupNormAct
+
+    fixed = GroupNormAct(norm.num_features, num_groups=groups, eps=norm.eps, affine=norm.affine, apply_act=False)
+    fixed.drop, fixed.act = norm.drop, norm.act
+    return fixed
+
+
+def _group_norm_for(norm: nn.modules.batchnorm._BatchNorm, where: str, num_groups: int | None) -> nn.Module:
+    """A per-example normalisation in place of a BatchNorm, over `_groups` groups; a BatchNorm1d of
+    one feature (nothing to normalise per example) becomes an Identity. A BatchNorm subclass with
+    layers of its own (an activation) keeps them (timm's norm-act layers), or is refused."""
+    groups = _groups(norm, where, num_groups)
+    if type(norm).__module__.startswith("timm.") and hasattr(norm, "act") and hasattr(norm, "drop"):
+        return _group_norm_act_for(norm, groups)
+    extra = [name for name, _ in norm.named_children()]
+    if extra:
+        raise ValueError(f"fix_model cannot replace {type(norm).__name__} at '{where}': it has layers of its own "
+                         f"({extra}) that a GroupNorm would drop; replace it by hand with a per-example norm "
+                         "followed by them")
+    if isinstance(norm, nn.BatchNorm1d) and norm.num_features == 1:
+        logger.warning("fix_model: a BatchNorm1d of one feature at '%s' becomes an Identity (normalising one value "
+                       "per example would zero it)", where)
+        return nn.Identity()
+    return nn.GroupNorm(groups, norm.num_features, eps=norm.eps, affine=norm.affine)
 
 
 def _without_running_stats(norm: nn.modules.instancenorm._InstanceNorm) -> nn.Module:
@@ -81,19 +108,24 @@ def _without_running_stats(norm: nn.modules.instancenorm._InstanceNorm) -> nn.Mo
     return fixed.to(norm.weight.device if norm.affine else "cpu")
 
 
-def fix_model(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm with a GroupNorm (`_group_norm_for`), and every InstanceNorm that
-    tracks running statistics with one that does not, in place; returns the model. Each
-    replacement is logged."""
-    for name, child in list(model.named_children()):
+def fix_model(model: nn.Module, num_groups: int | None = None) -> nn.Module:
+    """Replace every BatchNorm with a GroupNorm (`_group_norm_for`; `num_groups` for all of them,
+    or the default that keeps features), and every InstanceNorm that tracks running statistics
+    with one that does not, in place; returns the model. Each replacement is logged."""
+    _fix_children(model, "", num_groups)
+    return model
+
+
+def _fix_children(module: nn.Module, prefix: str, num_groups: int | None) -> None:
+    for name, child in list(module.named_children()):
+        where = f"{prefix}{name}"
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            replacement = _group_norm_for(child)
+            replacement = _group_norm_for(child, where, num_groups)
         elif isinstance(child, nn.modules.instancenorm._InstanceNorm) and child.track_running_stats:
             replacement = _without_running_stats(child)
         else:
-            fix_model(child)
+            _fix_children(child, f"{where}.", num_groups)
             continue
         like = next(child.parameters(), None)  # the replaced layer's device and dtype
-        setattr(model, name, replacement.to(like.device, like.dtype) if like is not None else replacement)
-        logger.info("fix_model: %s '%s' -> %s", type(child).__name__, name, replacement)
-    return model
+        setattr(module, name, replacement.to(like.device, like.dtype) if like is not None else replacement)
+        logger.info("fix_model: %s '%s' -> %s", type(child).__name__, where, replacement)

@@ -16,7 +16,7 @@ from dpspeed.layers import registry
 from dpspeed.layers.linear import LinearRule
 from dpspeed.layers.functional import FunctionalRule
 from dpspeed.layers.param_ops import ParameterOpRule
-from dpspeed.testing import check_rule
+from dpspeed.testing import check_losses, check_rule
 
 pytestmark = pytest.mark.usefixtures("float64", "fresh_registry")
 
@@ -126,3 +126,33 @@ def test_gpt2s_projections_are_bound_to_their_native_rule():
     rules = _bound_rules(case.model, case.tensors[0])
     projections = {n: r for n, r in rules.items() if type(case.model.get_submodule(n)).__name__ == "Conv1D"}
     assert projections and all(isinstance(rule, Conv1DRule) for rule in projections.values())
+
+
+class RelativeBias(nn.Module):
+    """T5's pattern: an Embedding called on (T, T) position buckets, permuted to (heads, T, T),
+    made in the first block and passed on to the second."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.buckets = nn.Embedding(2 * steps, 2)
+        self.mix1, self.mix2 = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):  # x: (B, T, 3)
+        position = torch.arange(self.steps)
+        bias = self.buckets(position[None, :] - position[:, None] + self.steps).permute(2, 0, 1)
+        scores = torch.einsum("btd,bsd->bts", x, self.mix1(x))[:, None] + bias  # (B, 2, T, T)
+        h = torch.einsum("bhts,bsd->btd", scores.softmax(-1), x)
+        return self.mix2(torch.einsum("btd,bsd->bts", h, h)[:, None].add(bias).sum((1, 3))[..., None] * h)
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_an_unbatched_call_of_more_than_one_dimension_is_replayed_by_the_model(batch):
+    """Giving its (T, T) input a batch dimension changed the output's rank under the model's code
+    (a crash), and with T equal to the batch size its rows passed for examples (wrong gradients)."""
+    torch.manual_seed(0)
+    model, x = RelativeBias(steps=4), torch.randn(batch, 4, 3)
+    uses = trace_uses(model, dict(model.named_parameters()), (x,), {})
+    bindings = {b.name: b for b in bind_parameters(model, dict(model.named_parameters()), uses, lambda d: FunctionalRule(None))}
+    assert bindings[""].params == {"buckets.weight": "buckets.weight"} and "buckets" not in bindings
+    check_losses(model, lambda m, b: m(b[0]).square().sum((1, 2)), (x,), modes=["per-example", "bk", "auto"])

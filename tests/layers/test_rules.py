@@ -23,6 +23,18 @@ class Scaled(nn.Module):
         return torch.tanh(self.inner(x) * self.scale)
 
 
+class Reshaped(nn.Module):
+    """A bare parameter reshaped to (2, 3): in a physical batch of 2, its first size equals the
+    batch size without being an expansion to it (its replay once shrank the 2 to 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return x * self.w.view(2, 3).sum(1)
+
+
 class Attention(nn.Module):
     """nn.MultiheadAttention uses out_proj.weight inside its own forward, not out_proj's."""
 
@@ -82,6 +94,7 @@ LAYERS = {
     "groupnorm_act_silu": (lambda: _group_norm_act("silu"), (5, 4, 3, 3)),
     "groupnorm_act_none": (lambda: _group_norm_act(None), (5, 4, 3)),
     "fallback_bare_param": (Scaled, (5, 4)),
+    "fallback_bare_param_reshaped": (Reshaped, (5, 2)),
     "multihead_attention": (Attention, (5, 3, 4)),
 }
 

@@ -35,7 +35,10 @@ def _placements(model: nn.Module, params: dict[str, nn.Parameter], uses: Paramet
             placements.setdefault(owner, {})[local] = global_name
             continue
         for user in users:
-            placements.setdefault(user, {})[uses.local_names[id(user), global_name]] = global_name
+            local = uses.local_names[id(user), global_name]
+            if id(user) in uses.lifted:  # by the model, replayed per example (torch.func fallback)
+                user, local = model, global_name
+            placements.setdefault(user, {})[local] = global_name
     return placements
 
 

@@ -23,6 +23,10 @@ from .records import Binding, OpUse, Recipe
 OnUse = Callable[[OpUse, list], list]  # (the use, its output leaves) -> the leaves to return
 
 
+#: the parameter-only ops that may give a tensor its batch dimension
+_EXPANSIONS = {"expand", "expand_as", "broadcast_to", "repeat", "tile", "repeat_interleave"}
+
+
 def _replace_batch_ints(leaves: list, batch: int, example_batch: int) -> list:
     return [example_batch if isinstance(v, int) and not isinstance(v, bool) and v == batch else v for v in leaves]
 
@@ -40,6 +44,7 @@ class OpTapRecorder(TorchFunctionMode):
         self.batch = next((t.shape[0] for t in inputs if t.dim() > 0), None)
         self._submodules_running = 0
         self._recipes: dict[int, Recipe] = {}
+        self._scaled: set[int] = set()  # recipes' outputs whose dimension 0 is the batch
 
     @property
     def suspended(self) -> bool:
@@ -71,8 +76,16 @@ class OpTapRecorder(TorchFunctionMode):
 
     def _keep_recipe(self, func, leaves: list, spec, recipes: dict[int, Recipe], output: torch.Tensor) -> None:
         """Remember how a parameter-only op's output is rebuilt from the parameters' values for a
-        batch of any size (an expand to the recorded batch becomes one to the new size)."""
-        scale = output.dim() > 0 and output.shape[0] == self.batch
+        batch of any size: an expansion to the recorded batch in dimension 0 (cls_token.expand(B,
+        -1, -1)) becomes one to the new size, as does every op after it whose output keeps that
+        dimension (its integers equal to the batch size are the batch). No other op's integers are
+        touched: a permute of a table whose first size happens to equal the batch size is not an
+        expansion."""
+        leading = output.dim() > 0 and output.shape[0] == self.batch
+        expands = getattr(func, "__name__", "") in _EXPANSIONS
+        scale = leading and (expands or any(id(leaves[i]) in self._scaled for i in recipes))
+        if scale:
+            self._scaled.add(id(output))
         recorded_batch = self.batch
 
         def recipe(values: dict[str, torch.Tensor], batch: int) -> torch.Tensor:

@@ -33,6 +33,22 @@ class ParameterUses:
     direct_users: dict[str, list[nn.Module]] = field(default_factory=dict)
     #: (id of a user, parameter) -> the parameter's name inside that user
     local_names: dict[tuple[int, str], str] = field(default_factory=dict)
+    #: ids of unbatched calls whose outputs cannot be given a batch dimension in place: the model
+    #: itself computes their parameters' gradients (what they compute may flow anywhere in it,
+    #: as T5's position bias, made in the first layer, flows into every other)
+    lifted: set[int] = field(default_factory=set)
+
+
+def _cannot_broadcast(args: tuple, kwargs: dict, batch: int | None) -> bool:
+    """Whether an unbatched call's output cannot take a batch dimension in place: its first input
+    has two or more dimensions, the first neither 1 (expanded to the batch) nor the batch already
+    laid out by an expansion (stride 0). T5's relative position buckets (T, T) are such an input:
+    a dimension put in front would change the output's rank under the model's code, and a T equal
+    to the batch size would pass for one row per example."""
+    first = next((t for t in tensors((args, kwargs)) if t.dim() > 0), None)
+    if first is None or first.dim() < 2 or first.shape[0] == 1:
+        return False
+    return not (first.shape[0] == batch and first.stride(0) == 0)
 
 
 def _local_names(module: nn.Module) -> dict[int, str]:
@@ -132,12 +148,15 @@ def trace_uses(model: nn.Module, params: dict[str, nn.Parameter], args: tuple, k
         stack.append(module)
         if module is not model and not provenance.is_batched((args, kwargs)):
             uses.unbatched_calls.add(id(module))
+            if _cannot_broadcast(args, kwargs, batch):
+                uses.lifted.add(id(module))
 
     def leave(module: nn.Module, args: tuple, output) -> None:
         stack.pop()
         recorder.forget_contents()
 
     provenance = BatchProvenance(tensors((args, kwargs)))
+    batch = next((t.shape[0] for t in tensors((args, kwargs)) if t.dim() > 0), None)
     recorder = _UseRecorder(dict(names), stack, uses, provenance)
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
