@@ -1,5 +1,7 @@
-"""The auto planner's choices: per layer the cheaper method by its cost model, explicit per-example
-gradients only within the memory budget (best saving per byte first), a new plan for a larger batch."""
+"""The auto planner's choices: per layer the cheaper method by its cost model (or by the methods'
+timings, on a CPU), explicit per-example gradients only within the memory budget (best saving per
+byte first), a new plan for a larger batch. Timings are replaced by fixed values: no test here
+depends on the clock."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def _linear(name: str, d: int, p: int, batch: int, positions: int) -> tuple[Bind
 
 
 def _plan(layers: dict, budget: int | None) -> Planner:
-    planner = Planner(budget)
+    planner = Planner(budget, timed=False)
     planner.prepare(dict(layers.values()))
     return planner
 
@@ -60,7 +62,7 @@ def test_explicit_gradients_stay_within_the_budget_best_saving_per_byte_first():
 def test_a_rule_without_ghost_norms_is_planned_explicit_at_no_budget_cost():
     binding = Binding(nn.Linear(3, 3), "custom", LayerRule(), {"weight": "custom.weight"})
     call = Call((torch.randn(4, 3),), {}, [torch.randn(4, 3)])
-    planner = Planner(0)
+    planner = Planner(0, timed=False)
     planner.prepare({binding: [call]})
     assert planner(binding, [call]) == EXPLICIT and planner.plan[binding].explicit_bytes == 0
 
@@ -75,3 +77,23 @@ def test_a_larger_batch_makes_a_new_plan_and_a_smaller_one_keeps_it():
     planner.prepare(large)
     assert planner.batch == 16 and list(planner.plan) == [small["narrow"][0]]
     assert planner.plan[small["narrow"][0]].explicit_bytes == 16 * 20 * 4
+
+
+def test_on_a_cpu_the_methods_are_timed_and_the_faster_taken(monkeypatch):
+    """Each method's work is run and timed; the plan follows the times, whatever the model says."""
+    from dpspeed.clipping import planner as planner_module
+
+    ran = []
+
+    def fake_time(run) -> float:
+        run()  # the method really runs on the recorded call
+        ran.append(run.__name__)
+        return {"ghost": 2.0, "explicit": 1.0}[run.__name__]
+
+    monkeypatch.setattr(planner_module, "_best_time", fake_time)
+    layers = {"wide": _linear("wide", 256, 256, 8, 1)}  # the cost model would take ghost
+    planner = Planner(None)
+    planner.prepare(dict(layers.values()))
+    entry = planner.plan[layers["wide"][0]]
+    assert ran == ["ghost", "explicit"] and entry.timed
+    assert planner(*layers["wide"]) == EXPLICIT and entry.ghost_cost == 2e9 / 8 and entry.explicit_cost == 1e9 / 8

@@ -2,21 +2,27 @@
 reused for the sum, whichever a cost model of FLOPs and bytes moved says is faster, with the
 explicit gradients of all layers (held at once until the factors are known) within a memory budget.
 
-Time is estimated as FLOPs / balance + bytes, in byte-equivalents, where the balance is the
-device's FLOPs per byte of memory traffic in the dtype the layers compute in: on an H100 about 250
-for bf16 tensor-core products, 130 for TF32 and 20 for float32; 10 on a CPU. Shapes come from the
-first physical batch; the plan is made again when a larger batch arrives (the explicit gradients'
-memory grows with it).
+On a GPU, time is estimated as FLOPs / balance + bytes, in byte-equivalents, where the balance is
+the device's FLOPs per byte of memory traffic in the dtype the layers compute in: about 250 for bf16
+tensor-core products on an H100, 130 for TF32 and 20 for float32. On a CPU, where small layers
+cost what their operations' overhead costs rather than their FLOPs, both methods are timed on the
+first recorded call instead (best of three, no gradient changes; a layer whose explicit gradients
+would exceed TIMING_LIMIT is modelled). Shapes come from the first
+physical batch; the plan is made again when a larger batch arrives (the explicit gradients' memory
+grows with it).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..capture.records import Binding, Call
-from ..layers.precision import tf32_matmuls
+from ..layers.precision import tf32_matmuls, weighted_sum
 from .methods import EXPLICIT, GHOST_BK, LayerMethod
 
 
@@ -25,13 +31,15 @@ class LayerPlan:
     layer: str
     kind: str
     method: str  # "ghost" or "explicit"
-    ghost_cost: float  # byte-equivalents per example
+    ghost_cost: float  # per example: byte-equivalents when modelled, nanoseconds when timed
     explicit_cost: float
     explicit_bytes: int  # per-example gradient memory of the whole batch
+    timed: bool = False
 
     def __str__(self) -> str:
-        return (f"{self.layer or '<root>':40} {self.kind:16} {self.method:9} ghost {self.ghost_cost:10.3g}  "
-                f"explicit {self.explicit_cost:10.3g}  ({self.explicit_bytes / 2**20:.1f} MiB)")
+        unit = "ns" if self.timed else "B "
+        return (f"{self.layer or '<root>':40} {self.kind:16} {self.method:9} ghost {self.ghost_cost:10.3g}{unit} "
+                f"explicit {self.explicit_cost:10.3g}{unit} ({self.explicit_bytes / 2**20:.1f} MiB)")
 
 
 def _balance(device: torch.device, dtype: torch.dtype) -> float:
@@ -47,6 +55,41 @@ def default_budget(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4
     return None
+
+
+#: layers whose explicit gradients would take more memory than this are modelled, not timed
+TIMING_LIMIT = 256 * 2**20
+
+
+def _best_time(run: Callable[[], object], repeats: int = 3) -> float:
+    run()  # warm
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _timed(binding: Binding, call: Call, plan: LayerPlan) -> LayerPlan:
+    """The plan with both methods' costs timed on `call`: norms, rounding bound and book-keeping sum
+    against per-example gradients, their norms and their weighted sum (factors of one)."""
+    rule, module, names = binding.rule, binding.module, list(binding.params)
+    ones = torch.ones(call.batch_size, device=call.grad().device)
+
+    def ghost() -> None:
+        rule.ghost_sq_norms(module, call, names)
+        rule.sum_rounding(module, call, names)
+        rule.clipped_sum(module, call, names, {n: ones for n in names})
+
+    def explicit() -> None:
+        for g in rule.per_sample_grads(module, call, names).values():
+            torch.linalg.vector_norm(g.flatten(1), dim=1)
+            weighted_sum(ones, g)
+
+    per_example = 1e9 / max(call.batch_size, 1)
+    return LayerPlan(plan.layer, plan.kind, plan.method, _best_time(ghost) * per_example,
+                     _best_time(explicit) * per_example, plan.explicit_bytes, timed=True)
 
 
 def _estimate(binding: Binding, call: Call) -> LayerPlan:
@@ -72,8 +115,9 @@ class Planner:
     """A Chooser: plans a LayerMethod per binding when it first sees it (again when a larger batch
     arrives) and keeps the choice (`plan`)."""
 
-    def __init__(self, memory_budget: int | None = None):
+    def __init__(self, memory_budget: int | None = None, timed: bool | None = None):
         self.memory_budget = memory_budget
+        self.timed = timed  # time the methods (True), model them (False), or time them on a CPU (None)
         self.plan: dict[Binding, LayerPlan] = {}
         self.batch = 0  # the batch size the plan was made for
 
@@ -87,7 +131,11 @@ class Planner:
         if not new:
             return
         for binding in new:
-            self.plan[binding] = _estimate(binding, calls[binding][0])
+            call = calls[binding][0]
+            plan = _estimate(binding, call)
+            timed = call.grad().device.type == "cpu" if self.timed is None else self.timed
+            timed = timed and math.isfinite(plan.ghost_cost) and plan.explicit_bytes <= TIMING_LIMIT
+            self.plan[binding] = _timed(binding, call, plan) if timed else plan
         budget = self.memory_budget if self.memory_budget is not None else default_budget(first.grad().device)
         self._fit_budget([self.plan[b] for b in new], budget)
 
