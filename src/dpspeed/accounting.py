@@ -45,14 +45,32 @@ class Accountant:
     def steps(self) -> int:
         return sum(run[2] for run in self.history)
 
-    def get_epsilon(self, delta: float) -> float:
+    def _composed(self, delta: float) -> dp_accounting.PrivacyAccountant:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         accountant = _fresh(self.kind)
-        for sigma, rate, steps in self.history:
-            accountant.compose(dp_event(sigma, rate, steps))
+        with _quiet_absl():  # the RDP orders' convergence warnings come while composing
+            for sigma, rate, steps in self.history:
+                accountant.compose(dp_event(sigma, rate, steps))
+        return accountant
+
+    def get_epsilon(self, delta: float) -> float:
+        accountant = self._composed(delta)
         with _quiet_absl():
             return float(accountant.get_epsilon(delta))
+
+    def get_privacy_spent(self, delta: float) -> tuple[float, float | None]:
+        """(epsilon, the best Renyi order) as Opacus's RDP accountant gives them; the order is None
+        for the PLD accountant, which has none."""
+        if self.kind != "rdp":
+            return self.get_epsilon(delta), None
+        accountant = self._composed(delta)
+        with _quiet_absl():
+            epsilon, order = accountant.get_epsilon_and_optimal_order(delta)
+        return float(epsilon), float(order)
+
+    def __len__(self) -> int:
+        return self.steps
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "history": [list(run) for run in self.history]}

@@ -21,6 +21,7 @@ from .clipping.config import ClippingConfig
 from .clipping.early_release import EarlyRelease
 from .clipping.groups import ClippingStyle, Grouping
 from .clipping.planner import LayerPlan, Planner
+from .integrations import opacus
 from .clipping.two_pass import DPLoss
 from .noise import NoiseSource, SecureNoiseSource
 from .optimizer import PRIVATE_MARK, DPOptimizer
@@ -69,9 +70,18 @@ def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | Non
                                       world_size=topology.world, secure=secure)
     else:
         logical = data_loader.batch_sampler
-    return DPDataLoader(data_loader.dataset, logical, max_physical_batch_size=max_physical_batch_size,
-                        fixed_physical_batch=fixed_physical_batch, common_count=topology.physical_batch_counter(),
-                        **loader_options(data_loader))
+    private = DPDataLoader(data_loader.dataset, logical, batch_size=data_loader.batch_size,
+                           max_physical_batch_size=max_physical_batch_size,
+                           fixed_physical_batch=fixed_physical_batch, common_count=topology.physical_batch_counter(),
+                           **loader_options(data_loader))
+    private.source = data_loader
+    return private
+
+
+def _users_loader(data_loader):
+    """The user's own loader, also when given the one make_private returned (a script or notebook
+    cell run a second time, its loader variable rebound)."""
+    return data_loader.source if isinstance(data_loader, DPDataLoader) and data_loader.source is not None else data_loader
 
 
 def _wire(optimizer: DPOptimizer, loader: DPDataLoader) -> Controller:
@@ -128,15 +138,20 @@ class PrivacyEngine:
         seed: int | None = None,
         memory_budget: int | None = None,
         process_group=None,
+        **opacus_options,
     ):
         """Attach to `module` and return (module, optimizer, criterion, data_loader), or
         (module, optimizer, data_loader) without a criterion. The module is the same object.
 
         `memory_budget` (bytes) bounds the explicit per-example gradients the `auto` planner may
         hold at once (default: a quarter of the GPU's memory; no limit on the CPU).
-        `process_group`: under torch.distributed, the processes that train together (default: all)."""
+        `process_group`: under torch.distributed, the processes that train together (default: all).
+        Opacus's own arguments (clipping=, grad_sample_mode=, batch_first=, wrap_model=,
+        rand_on_empty=) are taken as `integrations.opacus.translate` says, or refused."""
         if self.controller is not None:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
+        clipping_mode, clipping_style = opacus.translate(opacus_options, clipping_mode, clipping_style)
+        data_loader = _users_loader(data_loader)
         params = _checks.trainable_parameters(module, _ATTACHED)
         topology = Topology.of(params, process_group)
         clipping = ClippingConfig.create(clipping_mode, clipping_style, clipping_fn, loss_reduction, max_grad_norm,
@@ -156,17 +171,21 @@ class PrivacyEngine:
         topology.broadcast_state(module)
         controller.attach()
         _ATTACHED.add(module)
-
-        self.controller, self.optimizer, self.data_loader, self.clipping = controller, dp_optimizer, loader, clipping
-        resumed = bool(optimizer.state) or any(g.get(PRIVATE_MARK) for g in optimizer.param_groups)
-        self.poisson_sampling, self._module, self._resumed = poisson_sampling, module, resumed
-        self.examples = population_size(data_loader, poisson_sampling)  # N
-        self.sample_rate = data_loader.batch_size / self.examples
+        self._remember(module, optimizer, data_loader, dp_optimizer, loader, poisson_sampling)
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
                     len(params), len(clipping.grouping.groups), noise_multiplier, self.sample_rate, clipping_mode)
         if criterion is None:
             return module, dp_optimizer, loader
         return module, dp_optimizer, DPLoss(criterion, dp_optimizer) if clipping.two_pass else criterion, loader
+
+    def _remember(self, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, dp_optimizer: DPOptimizer,
+                  loader: DPDataLoader, poisson_sampling: bool) -> None:
+        """What make_private attached, and the N and q the accountant uses."""
+        self.controller, self.optimizer, self.data_loader = dp_optimizer.controller, dp_optimizer, loader
+        self.clipping, self.poisson_sampling, self._module = dp_optimizer.clipping, poisson_sampling, module
+        self._resumed = bool(optimizer.state) or any(g.get(PRIVATE_MARK) for g in optimizer.param_groups)
+        self.examples = population_size(data_loader, poisson_sampling)  # N
+        self.sample_rate = data_loader.batch_size / self.examples
 
     def _random_sources(self, seed: int | None, noise_generator: torch.Generator | None,
                         topology: Topology) -> tuple[int | None, NoiseSource | SecureNoiseSource]:
@@ -198,6 +217,7 @@ class PrivacyEngine:
             raise ValueError("give target_epsilon or noise_multiplier, not both")
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs= or steps=")
+        data_loader = _users_loader(data_loader)
         _checks.check_loader(data_loader)
         examples = population_size(data_loader)
         _warn_if_delta_is_large(target_delta, examples)

@@ -125,6 +125,12 @@ class DPOptimizer(Optimizer):
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
 
+    @property
+    def max_grad_norm(self) -> float:
+        """What one example's clipped gradient can contribute at most: the norm of the groups'
+        thresholds (max_grad_norm itself under all-layer clipping), which the noise is scaled to."""
+        return self.clipping.grouping.total_threshold
+
     def on_logical_step(self, callback: Callable[[], None]) -> None:
         self._on_logical_step.append(callback)
 

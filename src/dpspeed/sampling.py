@@ -191,6 +191,7 @@ class DPDataLoader:
         dataset: Dataset,
         logical_batches: Sampler[list[int]] | Any,
         *,
+        batch_size: int | None = None,
         max_physical_batch_size: int | None = None,
         fixed_physical_batch: bool = False,
         collate_fn=None,
@@ -202,6 +203,8 @@ class DPDataLoader:
         check_batching(dataset, max_physical_batch_size, fixed_physical_batch)
         collate_fn = collate_fn or default_collate
         self.dataset = dataset
+        self.batch_size = batch_size  # the expected logical batch size (Opacus's loaders have it too)
+        self.source: DataLoader | None = None  # the user's loader this one was made from
         self.fixed_size = max_physical_batch_size if fixed_physical_batch else None
         self.logical_batches = logical_batches
         self.batches = _PhysicalBatches(logical_batches, max_physical_batch_size, common_count)

@@ -78,3 +78,24 @@ def test_cifar_pickles_are_read_from_disk(tmp_path, name):
 def test_missing_cifar_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress"]) == 2
     assert "data_batch_1" in capsys.readouterr().out
+
+
+def test_epsilon_command_gives_epsilon_or_the_noise_for_a_target(capsys):
+    from dpspeed.accounting import epsilon_at
+
+    assert cli.main(["epsilon", "--sigma", "1.0", "--batch-size", "256", "--examples", "60000", "--epochs", "2"]) == 0
+    steps = round(2 / (256 / 60000))
+    want = epsilon_at("pld", 1.0, 256 / 60000, steps, 1e-5)
+    assert f"ε = {want:.4g}" in capsys.readouterr().out
+    assert cli.main(["epsilon", "--target-epsilon", "3", "--sample-rate", "0.01", "--steps", "500", "--accountant",
+                     "rdp"]) == 0
+    sigma = float(capsys.readouterr().out.split("σ = ")[1].split()[0])
+    assert epsilon_at("rdp", sigma * 1.001, 0.01, 500, 1e-5) <= 3.0 <= epsilon_at("rdp", sigma * 0.99, 0.01, 500, 1e-5)
+    assert cli.main(["epsilon", "--sigma", "1.0", "--steps", "10"]) == 2
+    assert capsys.readouterr().out.strip().count("\n") == 0  # one line, no traceback
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("dpspeed ")

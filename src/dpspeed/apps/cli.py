@@ -26,6 +26,15 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; write e.g. 2GiB or 500MB") from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dpspeed")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p = sub.add_parser("train", help="train a model under differential privacy",
@@ -113,6 +122,46 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/audit", help="folder for audit.json")
 
 
+def _epsilon_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("epsilon", help="epsilon of a DP-SGD run, or the noise multiplier for a target epsilon",
+                       description="epsilon after STEPS Poisson-sampled Gaussian steps (--sigma), or the smallest noise "
+                                   "multiplier reaching --target-epsilon. The rate is --sample-rate, or --batch-size / "
+                                   "--examples; the steps are --steps, or --epochs / rate.")
+    privacy = p.add_mutually_exclusive_group(required=True)
+    privacy.add_argument("--sigma", type=float, help="noise multiplier: print epsilon")
+    privacy.add_argument("--target-epsilon", type=float, help="print the noise multiplier that reaches it")
+    p.add_argument("--sample-rate", type=float, help="q, the probability of each example being in a batch")
+    p.add_argument("--batch-size", type=int, help="expected logical batch size (with --examples)")
+    p.add_argument("--examples", type=int, help="training examples N (with --batch-size)")
+    p.add_argument("--steps", type=int, help="logical batches")
+    p.add_argument("--epochs", type=float, help="epochs, instead of --steps")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--accountant", default="pld", choices=["pld", "rdp"])
+
+
+def _epsilon(args: argparse.Namespace, console: Console) -> int:
+    from ..accounting import epsilon_at, noise_for_epsilon
+
+    if args.sample_rate is None and (args.batch_size is None or args.examples is None):
+        raise ValueError("give --sample-rate, or --batch-size and --examples")
+    rate = args.sample_rate if args.sample_rate is not None else args.batch_size / args.examples
+    if not 0 < rate <= 1:
+        raise ValueError(f"the sample rate must be in (0, 1], got {rate:g}")
+    if (args.steps is None) == (args.epochs is None):
+        raise ValueError("give --steps or --epochs (one of them)")
+    steps = args.steps if args.steps is not None else max(1, round(args.epochs / rate))
+    if steps < 1 or not 0 < args.delta < 1:
+        raise ValueError("--steps must be at least 1 and --delta in (0, 1)")
+    where = f"q = {rate:.4g}, {steps} steps, δ = {args.delta:g}, {args.accountant.upper()}"
+    if args.sigma is not None:
+        console.print(f"ε = [bold]{epsilon_at(args.accountant, args.sigma, rate, steps, args.delta):.4g}[/bold] "
+                      f"(σ = {args.sigma:g}, {where})")
+    else:
+        sigma = noise_for_epsilon(args.target_epsilon, args.delta, rate, steps, args.accountant)
+        console.print(f"σ = [bold]{sigma:.4g}[/bold] reaches ε = {args.target_epsilon:g} ({where})")
+    return 0
+
+
 def _audit(args: argparse.Namespace, console: Console) -> int:
     from ..audit import AuditConfig, run_audit
 
@@ -184,11 +233,13 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpspeed", description="Differentially private training at non-private speed")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"dpspeed {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
     _report_parser(sub)
     _audit_parser(sub)
+    _epsilon_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
@@ -198,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args, console)
     if args.command == "audit":
         return _audit(args, console)
+    if args.command == "epsilon":
+        try:
+            return _epsilon(args, console)
+        except ValueError as err:
+            console.print(f"[red]error:[/red] {err}")
+            return 2
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
         if options["epsilon"] is None and options["sigma"] is None:

@@ -17,8 +17,11 @@ CIFAR = {
 
 def digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, int]:
     """8x8 handwritten digits (1797 images, shipped with scikit-learn), split 80/20, standardised."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise ValueError(f"the digits data set comes with scikit-learn ({err}): pip install 'dpspeed[cli]'") from err
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import plots
 from .results import best_points, precision_speedup, recommend, relative_throughput
 
 MiB = 2**20
@@ -53,6 +52,10 @@ def build(results: dict, out: Path) -> Path:
     """Write the plots and report.md into `out`; return the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     unit = _unit(results)
+    try:
+        from . import plots
+    except ImportError as err:
+        raise ValueError(f"the report's plots need matplotlib ({err}): pip install 'dpspeed[bench]'") from err
     made = {p.name for p in plots.all_plots(results, out, unit)}
     env = results.get("environment", {})
     lines = ["# dpspeed bench", ""]

@@ -1,0 +1,1 @@
+"""dpspeed where users already work: Opacus scripts, the transformers Trainer."""
