@@ -39,7 +39,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p = sub.add_parser("train", help="train a model under differential privacy",
                        description="Train under DP-SGD. With no options: a small CNN on scikit-learn's digits, ε = 8.")
-    p.add_argument("--model", default=d.model, help="small_cnn, mlp, or timm:NAME (random weights)")
+    p.add_argument("--model", default=d.model, help="small_cnn, mlp, timm:NAME (random weights), or your own py:FILE.py:FUNCTION")
     p.add_argument("--data", default=d.data, choices=["digits", "cifar10", "cifar100"])
     p.add_argument("--data-dir", default=None, help="folder of the CIFAR python pickles (no download)")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -73,7 +73,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                        "non-private training and every clipping mode; write results.json, plots and report.md. "
                        "With no options: a small CNN on the CPU in a few minutes.")
     p.add_argument("--model", "--models", dest="models", nargs="+", default=d.models,
-                   help="small_cnn, mlp, timm:NAME or hf:MODEL_TYPE (random weights); several give the curve over sizes")
+                   help="small_cnn, mlp, timm:NAME or hf:MODEL_TYPE (random weights), your own py:FILE.py:FUNCTION; several give the curve over sizes")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--num-classes", type=int, default=d.num_classes)
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence for hf: models")

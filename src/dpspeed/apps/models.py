@@ -22,7 +22,8 @@ BUILTIN = ("small_cnn", "mlp")
 
 
 def build(name: str, in_channels: int, image_size: int, classes: int) -> nn.Module:
-    """A built-in model by name, `timm:NAME` or `hf:MODEL_TYPE`, with random weights."""
+    """A built-in model by name, `timm:NAME`, `hf:MODEL_TYPE` (random weights), or your own
+    `py:FILE_OR_MODULE:FUNCTION`."""
     if name == "small_cnn":
         return small_cnn(in_channels, classes)
     if name == "mlp":
@@ -39,7 +40,39 @@ def build(name: str, in_channels: int, image_size: int, classes: int) -> nn.Modu
             return timm.create_model(name[5:], **options)
     if name.startswith("hf:"):
         return _transformers_classifier(name[3:], classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN}, timm:NAME or hf:MODEL_TYPE")
+    if name.startswith("py:"):
+        return _users_model(name[3:], in_channels, image_size, classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN}, timm:NAME, hf:MODEL_TYPE or py:FILE_OR_MODULE:FUNCTION")
+
+
+def _users_model(target: str, in_channels: int, image_size: int, classes: int) -> nn.Module:
+    """Your own model: `path/to/file.py:function` or `package.module:function`, called as
+    function(in_channels=, image_size=, classes=) and returning an nn.Module that takes
+    (batch, in_channels, image_size, image_size) images."""
+    import importlib
+    import importlib.util
+
+    where, _, function = target.rpartition(":")
+    if not where or not function:
+        raise ValueError(f"py:{target}: write py:FILE.py:FUNCTION or py:MODULE:FUNCTION")
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location("dpspeed_users_model", where)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"py:{target}: cannot load {where}")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except FileNotFoundError as err:
+            raise ValueError(f"py:{target}: no file {where}") from err
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ValueError(f"py:{target}: cannot import {where} ({err})") from err
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ValueError(f"py:{target}: {where} has no function {function!r}")
+    return factory(in_channels=in_channels, image_size=image_size, classes=classes)
 
 
 def _transformers_classifier(model_type: str, classes: int) -> nn.Module:
