@@ -85,9 +85,11 @@ MAX_TARGET_EPSILON = 100.0
 
 
 def epsilon_at(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """epsilon after `steps` Poisson-sampled Gaussian steps, by the `kind` accountant."""
     accountant = _fresh(kind)
-    accountant.compose(dp_event(noise_multiplier, sample_rate, steps))
-    return float(accountant.get_epsilon(delta))
+    with _quiet_absl():
+        accountant.compose(dp_event(noise_multiplier, sample_rate, steps))
+        return float(accountant.get_epsilon(delta))
 
 
 def _pld_bracket(upper: float, target_epsilon: float, delta: float, sample_rate: float, steps: int):

@@ -60,8 +60,10 @@ def population_size(loader: DataLoader, poisson_sampling: bool = True) -> int:
 class PoissonBatchSampler(Sampler[list[int]]):
     """Each logical batch takes every index independently with probability `sample_rate`.
 
-    An epoch has round(1 / sample_rate) batches; some may be empty. The RNG state is part of
-    `state_dict`, so a resumed run draws the batches it would have drawn. Across processes, each
+    An epoch has `steps` batches (make_private passes the user's loader's length, ceil(N /
+    batch_size); round(1 / sample_rate) without it); some may be empty. The RNG state is part of
+    `state_dict`, so a run resumed from it draws the batches it would have drawn (the engine saves
+    it for runs given `seed=` only; others draw fresh batches). Across processes, each
     rank samples its own shard (the indices at positions rank, rank + world, ... of the sorted
     population) at the same rate, so the union of the ranks' batches is a Poisson sample of the
     whole population.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure what DP costs on this model and device",
                        description="Measure throughput, largest physical batch, time breakdown and memory of "
                        "non-private training and every clipping mode; write results.json, plots and report.md. "
-                       "With no options: a small CNN on the CPU in a few minutes.")
+                       "With no options: a small CNN on the GPU if there is one, else the CPU, in a few minutes.")
     p.add_argument("--model", "--models", dest="models", nargs="+", default=d.models,
                    help="small_cnn, mlp, timm:NAME or hf:MODEL_TYPE (random weights), your own py:FILE.py:FUNCTION; several give the curve over sizes")
     p.add_argument("--image-size", type=int, default=d.image_size)
@@ -126,7 +127,8 @@ def _epsilon_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("epsilon", help="epsilon of a DP-SGD run, or the noise multiplier for a target epsilon",
                        description="epsilon after STEPS Poisson-sampled Gaussian steps (--sigma), or the smallest noise "
                                    "multiplier reaching --target-epsilon. The rate is --sample-rate, or --batch-size / "
-                                   "--examples; the steps are --steps, or --epochs / rate.")
+                                   "--examples; the steps are --steps, or --epochs x ceil(1 / rate) as make_private "
+                                   "counts them.")
     privacy = p.add_mutually_exclusive_group(required=True)
     privacy.add_argument("--sigma", type=float, help="noise multiplier: print epsilon")
     privacy.add_argument("--target-epsilon", type=float, help="print the noise multiplier that reaches it")
@@ -149,7 +151,8 @@ def _epsilon(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"the sample rate must be in (0, 1], got {rate:g}")
     if (args.steps is None) == (args.epochs is None):
         raise ValueError("give --steps or --epochs (one of them)")
-    steps = args.steps if args.steps is not None else max(1, round(args.epochs / rate))
+    # as make_private counts them: ceil(N / batch_size) = ceil(1 / q) logical batches per epoch
+    steps = args.steps if args.steps is not None else max(1, round(args.epochs * math.ceil(1 / rate)))
     if steps < 1 or not 0 < args.delta < 1:
         raise ValueError("--steps must be at least 1 and --delta in (0, 1)")
     where = f"q = {rate:.4g}, {steps} steps, δ = {args.delta:g}, {args.accountant.upper()}"

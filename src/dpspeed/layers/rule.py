@@ -61,7 +61,7 @@ class LayerRule:
     def clipped_sum(
         self, module: nn.Module, call: Call, names: list[str], factors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """sum_i factors[name][i] * g_i(name), without per-example gradients where possible."""
+        """`sum_i factors[name][i] * g_i(name)`, without per-example gradients where possible."""
         grads = self.per_sample_grads(module, call, names)
         return {n: weighted_sum(factors[n], grads[n]) for n in names}
 
