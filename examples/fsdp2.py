@@ -46,4 +46,5 @@ for epoch in range(args.epochs):
         optimizer.zero_grad()
     if dist.get_rank() == 0:
         print(f"epoch {epoch + 1}: epsilon {engine.get_epsilon(1e-5):.2f}, weights sharded over {dist.get_world_size()}")
+dist.barrier()  # every rank done before the group goes
 dist.destroy_process_group()

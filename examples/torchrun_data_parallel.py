@@ -42,4 +42,5 @@ for epoch in range(args.epochs):
         optimizer.zero_grad()
     if rank == 0:
         print(f"epoch {epoch + 1}: epsilon {engine.get_epsilon(1e-5):.2f} over {dist.get_world_size()} processes")
+dist.barrier()  # every rank done before the group goes
 dist.destroy_process_group()

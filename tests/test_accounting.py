@@ -158,3 +158,45 @@ def test_the_private_optimizers_checkpoint_carries_the_privacy_state():
     with pytest.raises(ValueError, match="privacy state was not restored"):
         foreign.get_epsilon(1e-5)
     foreign.detach()
+
+
+def _budgeted(max_epsilon: float, **options):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,))), batch_size=10)
+    engine = PrivacyEngine()
+    return engine, *engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        data_loader=loader, noise_multiplier=3.0, max_grad_norm=1.0,
+                                        max_epsilon=max_epsilon, delta=1e-5, **options)
+
+
+def test_max_epsilon_stops_before_the_step_that_would_exceed_it(monkeypatch):
+    from dpspeed import accounting
+    from dpspeed.accounting import BudgetExhausted
+
+    computed = []
+    original = accounting.Accountant.get_epsilon
+    monkeypatch.setattr(accounting.Accountant, "get_epsilon", lambda self, d: computed.append(1) or original(self, d))
+    engine, model, optimizer, loader = _budgeted(2.0)
+    with pytest.raises(BudgetExhausted, match=r"before step \d+: it would spend more than max_epsilon = 2"):
+        for _ in range(100):
+            for x, y in loader:
+                nn.functional.cross_entropy(model(x), y).backward()
+                before = [p.detach().clone() for p in model.parameters()]
+                optimizer.step()
+                optimizer.zero_grad()
+    taken = engine.accountant.steps
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # the refused step released nothing
+    assert epsilon_at("pld", 3.0, 0.25, taken, 1e-5) <= 2.0 < epsilon_at("pld", 3.0, 0.25, taken + 1, 1e-5)
+    assert taken > 20 and len(computed) <= 4 * taken.bit_length() + 4  # O(log K), not one per step
+
+
+@pytest.mark.parametrize("options,match", [({"delta": None}, "together"), ({"poisson_sampling": False}, "Poisson")])
+def test_max_epsilon_arguments_are_checked_before_anything_is_attached(options, match):
+    model = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,))), batch_size=10)
+    with pytest.raises(ValueError, match=match):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=2.0,
+                                     **{"delta": 1e-5, **options})
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -544,3 +544,36 @@ def test_an_output_without_per_example_rows_is_said_to_be_unchecked(caplog):
         m(xb)
     assert "could not check" in caplog.text
     engine.detach()
+
+
+def test_a_checkpoint_resumes_a_seeded_run_exactly(tmp_path):
+    """save_checkpoint/load_checkpoint: model, optimizer (momentum), accountant, the sampler's and
+    the noise's streams; the resumed run takes the steps the uninterrupted one took."""
+
+    def start():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        loader = DataLoader(TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,))), batch_size=8)
+        engine = PrivacyEngine()
+        private = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                      data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, seed=7)
+        return engine, *private
+
+    def epoch(model, optimizer, loader):
+        for x, y in loader:
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    engine, model, optimizer, loader = start()
+    epoch(model, optimizer, loader)
+    engine.save_checkpoint(tmp_path / "ck.pt", model, optimizer, epoch=1)
+    epoch(model, optimizer, loader)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    engine2, model2, optimizer2, loader2 = start()
+    assert engine2.load_checkpoint(tmp_path / "ck.pt", model2, optimizer2) == {"epoch": 1}
+    epoch(model2, optimizer2, loader2)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, model2.parameters()))
+    assert engine2.accountant.steps == engine.accountant.steps == 8
+    assert engine2.get_epsilon(1e-5) == engine.get_epsilon(1e-5)

@@ -23,8 +23,16 @@ EXAMPLES = {  # script: (launcher, arguments, what its output must contain, libr
 }
 
 
+#: a gloo rank that finished its work can abort at interpreter teardown (a torch issue seen about
+#: once in twenty runs under load, never before its work is done): such a run is made once more
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _run(command: list[str], tmp_path: Path) -> str:
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -80,6 +80,55 @@ class Accountant:
         self.history = [list(run) for run in state["history"]]
 
 
+class BudgetExhausted(RuntimeError):
+    """The next step would spend more than the run's max_epsilon; nothing of it was released."""
+
+
+class BudgetGuard:
+    """Refuses the step after which epsilon (at `delta`) would exceed `max_epsilon`.
+
+    epsilon grows with every step, so once it is known to stay within the budget after k more
+    steps, the next k steps need no accounting; the horizon doubles while it holds and is
+    bisected when it does not, so a run of K steps costs O(log K) epsilon computations."""
+
+    def __init__(self, accountant: Accountant, max_epsilon: float, delta: float):
+        if not 0 < max_epsilon:
+            raise ValueError(f"max_epsilon must be positive, got {max_epsilon}")
+        if not 0 < delta < 1:
+            raise ValueError(f"the delta of max_epsilon must be in (0, 1), got {delta}")
+        self.accountant, self.max_epsilon, self.delta = accountant, max_epsilon, delta
+        self._safe_through = 0  # steps (counted from the start) known to stay within the budget
+        self._key: tuple | None = None  # (sigma, q) the horizon was computed for
+
+    def _within(self, extra: int, noise_multiplier: float, sample_rate: float) -> bool:
+        ahead = Accountant(self.accountant.kind)
+        ahead.history = [list(run) for run in self.accountant.history] + [[noise_multiplier, sample_rate, extra]]
+        return ahead.get_epsilon(self.delta) <= self.max_epsilon
+
+    def check(self, noise_multiplier: float, sample_rate: float) -> None:
+        """Before a step: raise BudgetExhausted if it would exceed the budget."""
+        taken = self.accountant.steps
+        if self._key != (noise_multiplier, sample_rate):
+            self._key, self._safe_through = (noise_multiplier, sample_rate), taken
+        if taken < self._safe_through:
+            return
+        if not self._within(1, noise_multiplier, sample_rate):
+            raise BudgetExhausted(
+                f"stopping before step {taken + 1}: it would spend more than max_epsilon = {self.max_epsilon:g} at "
+                f"delta = {self.delta:g} (epsilon is {self.accountant.get_epsilon(self.delta):.4g} after {taken} "
+                "steps). Save the model now; training further needs a larger budget")
+        good, bad = 1, None
+        while bad is None and good < 2**20:
+            if self._within(2 * good, noise_multiplier, sample_rate):
+                good *= 2
+            else:
+                bad = 2 * good
+        while bad is not None and bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if self._within(middle, noise_multiplier, sample_rate) else (good, middle)
+        self._safe_through = taken + good
+
+
 #: above this, e^epsilon bounds nothing an attacker cares about, and calibration does not converge
 MAX_TARGET_EPSILON = 100.0
 

@@ -4,10 +4,12 @@ validate → sampling → capture → clipping → optimizer → accounting."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 import weakref
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,14 +17,15 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from . import _checks
-from .accounting import Accountant, noise_for_epsilon
+from .accounting import Accountant, BudgetGuard, noise_for_epsilon
 from .capture.hooks import Controller
 from .clipping.config import ClippingConfig
 from .clipping.early_release import EarlyRelease
 from .clipping.groups import ClippingStyle, Grouping
 from .clipping.planner import LayerPlan, Planner
-from .integrations import opacus
 from .clipping.two_pass import DPLoss
+from .integrations import opacus
+from .monitoring.metrics import StepMetrics, norm_summary
 from .noise import NoiseSource, SecureNoiseSource
 from .optimizer import PRIVATE_MARK, DPOptimizer
 from .parallel.topology import Topology
@@ -96,6 +99,31 @@ def _wire(optimizer: DPOptimizer, loader: DPDataLoader) -> Controller:
     return controller
 
 
+@dataclass
+class _Arguments:
+    """make_private's arguments, as it was called."""
+
+    module: nn.Module
+    optimizer: Optimizer
+    data_loader: DataLoader
+    noise_multiplier: float
+    max_grad_norm: float | Sequence[float]
+    criterion: nn.Module | None
+    clipping_mode: str
+    clipping_style: ClippingStyle
+    clipping_fn: str
+    loss_reduction: str
+    max_physical_batch_size: int | None
+    fixed_physical_batch: bool
+    poisson_sampling: bool
+    noise_generator: torch.Generator | None
+    seed: int | None
+    memory_budget: int | None
+    process_group: object
+    max_epsilon: float | None
+    delta: float | None
+
+
 class PrivacyEngine:
     """Opacus-compatible entry point: make_private, make_private_with_epsilon, get_epsilon, detach."""
 
@@ -116,6 +144,7 @@ class PrivacyEngine:
         self._reproducible = False  # seed= given: the random streams are part of the state
         self._resumed = False  # the optimizer continues an earlier training (its state, or a private checkpoint)
         self._restored = False  # load_state_dict was called
+        self._watchers: list[tuple[Callable[[StepMetrics], None], float | None, int]] = []
 
     # ------------------------------------------------------------------------------------ setup
     def make_private(
@@ -138,45 +167,71 @@ class PrivacyEngine:
         seed: int | None = None,
         memory_budget: int | None = None,
         process_group=None,
+        max_epsilon: float | None = None,
+        delta: float | None = None,
         **opacus_options,
     ):
-        """Attach to `module` and return (module, optimizer, criterion, data_loader), or
-        (module, optimizer, data_loader) without a criterion. The module is the same object.
+        """Attach to `module` (the same object, never wrapped) and return (module, optimizer,
+        criterion, data_loader), or (module, optimizer, data_loader) without a criterion. A refused
+        call leaves everything as it was.
 
-        `memory_budget` (bytes) bounds the explicit per-example gradients the `auto` planner may
-        hold at once (default: a quarter of the GPU's memory; no limit on the CPU).
-        `process_group`: under torch.distributed, the processes that train together (default: all).
-        Opacus's own arguments (clipping=, grad_sample_mode=, batch_first=, wrap_model=,
-        rand_on_empty=) are taken as `integrations.opacus.translate` says, or refused."""
+        - `optimizer`: yours, over the module's trainable parameters; the returned one wraps it.
+        - `data_loader`: yours, with a batch_size: the expected logical batch, sampled by Poisson
+          sampling over the examples its sampler ranges over (`poisson_sampling=False`: your batches,
+          and no epsilon). Iterate the returned loader, and step after every batch it yields.
+        - `noise_multiplier` sigma: the noise's standard deviation is sigma x max_grad_norm.
+        - `max_grad_norm`: the bound on each example's contribution: one float, or one per group.
+        - `criterion`: returned as it is, or wrapped for the two-pass modes (which need it).
+        - `clipping_mode`: auto, per-example, ghost, mix-ghost, bk, bk-mix-ghost or bk-mix-opt.
+        - `clipping_style`: all-layer, layer-wise, param-wise, a number of groups, or lists of names.
+        - `clipping_fn`: abadi (min(1, R/norm)) or automatic (R/(norm + 0.01)).
+        - `loss_reduction`: mean or sum, as the loss reduces over the physical batch.
+        - `max_physical_batch_size`: split logical batches into physical ones of at most this size;
+          `fixed_physical_batch`: pad every one to it (one shape, for torch.compile and CUDA graphs).
+        - `seed` (batches and noise reproducible, with a warning) or `noise_generator`.
+        - `memory_budget` (bytes): the explicit per-example gradients `auto` may hold at once
+          (default: a quarter of the GPU's memory; no limit on the CPU).
+        - `process_group`: under torch.distributed, the processes that train together (default: all).
+        - `max_epsilon` with its `delta`: optimizer.step() raises accounting.BudgetExhausted,
+          releasing nothing, instead of a step after which epsilon would exceed it.
+        - Opacus's own arguments (clipping=, grad_sample_mode=, batch_first=, wrap_model=,
+          rand_on_empty=) as `integrations.opacus.translate` takes them, or refused."""
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "opacus_options")}
+        return self._make_private(_Arguments(**arguments), opacus_options)
+
+    def _make_private(self, a: _Arguments, opacus_options: dict):
         if self.controller is not None:
             raise ValueError("this PrivacyEngine is already attached; use one engine per model")
-        clipping_mode, clipping_style = opacus.translate(opacus_options, clipping_mode, clipping_style)
-        data_loader = _users_loader(data_loader)
-        params = _checks.trainable_parameters(module, _ATTACHED)
-        topology = Topology.of(params, process_group)
-        clipping = ClippingConfig.create(clipping_mode, clipping_style, clipping_fn, loss_reduction, max_grad_norm,
-                                         list(params), memory_budget)
-        _checks.check_arguments(module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
-                                noise_multiplier=noise_multiplier, clipping=clipping, topology=topology,
-                                max_physical_batch_size=max_physical_batch_size,
-                                fixed_physical_batch=fixed_physical_batch, poisson_sampling=poisson_sampling)
-        seed, noise = self._random_sources(seed, noise_generator, topology)
-        loader = _private_loader(data_loader, topology, seed, poisson_sampling, max_physical_batch_size,
-                                 fixed_physical_batch, self.secure_mode)
-        dp_optimizer = DPOptimizer(optimizer, Controller(module, params, param_grads=clipping.two_pass), clipping,
-                                   noise, noise_multiplier, float(data_loader.batch_size), topology)
+        clipping_mode, clipping_style = opacus.translate(opacus_options, a.clipping_mode, a.clipping_style)
+        guard = self._budget(a.max_epsilon, a.delta, a.poisson_sampling)
+        data_loader = _users_loader(a.data_loader)
+        params = _checks.trainable_parameters(a.module, _ATTACHED)
+        topology = Topology.of(params, a.process_group)
+        clipping = ClippingConfig.create(clipping_mode, clipping_style, a.clipping_fn, a.loss_reduction,
+                                         a.max_grad_norm, list(params), a.memory_budget)
+        _checks.check_arguments(module=a.module, optimizer=a.optimizer, data_loader=data_loader,
+                                criterion=a.criterion, noise_multiplier=a.noise_multiplier, clipping=clipping,
+                                topology=topology, max_physical_batch_size=a.max_physical_batch_size,
+                                fixed_physical_batch=a.fixed_physical_batch, poisson_sampling=a.poisson_sampling)
+        seed, noise = self._random_sources(a.seed, a.noise_generator, topology)
+        loader = _private_loader(data_loader, topology, seed, a.poisson_sampling, a.max_physical_batch_size,
+                                 a.fixed_physical_batch, self.secure_mode)
+        dp_optimizer = DPOptimizer(a.optimizer, Controller(a.module, params, param_grads=clipping.two_pass), clipping,
+                                   noise, a.noise_multiplier, float(data_loader.batch_size), topology)
         controller = _wire(dp_optimizer, loader)
         dp_optimizer.on_logical_step(self._account_step)
         dp_optimizer.privacy_state = (self.state_dict, self.load_state_dict, self._resumed_without_privacy)
-        topology.broadcast_state(module)
+        topology.broadcast_state(a.module)
         controller.attach()
-        _ATTACHED.add(module)
-        self._remember(module, optimizer, data_loader, dp_optimizer, loader, poisson_sampling)
+        _ATTACHED.add(a.module)
+        self._remember(a.module, a.optimizer, data_loader, dp_optimizer, loader, a.poisson_sampling)
+        if guard is not None:
+            dp_optimizer.before_logical_step(lambda: guard.check(dp_optimizer.noise_multiplier, self.sample_rate))
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
-                    len(params), len(clipping.grouping.groups), noise_multiplier, self.sample_rate, clipping_mode)
-        if criterion is None:
-            return module, dp_optimizer, loader
-        return module, dp_optimizer, DPLoss(criterion, dp_optimizer) if clipping.two_pass else criterion, loader
+                    len(params), len(clipping.grouping.groups), a.noise_multiplier, self.sample_rate, clipping_mode)
+        if a.criterion is None:
+            return a.module, dp_optimizer, loader
+        return a.module, dp_optimizer, DPLoss(a.criterion, dp_optimizer) if clipping.two_pass else a.criterion, loader
 
     def _remember(self, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, dp_optimizer: DPOptimizer,
                   loader: DPDataLoader, poisson_sampling: bool) -> None:
@@ -186,6 +241,16 @@ class PrivacyEngine:
         self._resumed = bool(optimizer.state) or any(g.get(PRIVATE_MARK) for g in optimizer.param_groups)
         self.examples = population_size(data_loader, poisson_sampling)  # N
         self.sample_rate = data_loader.batch_size / self.examples
+
+    def _budget(self, max_epsilon: float | None, delta: float | None, poisson_sampling: bool) -> BudgetGuard | None:
+        """The guard of `max_epsilon`, its arguments checked before anything is attached."""
+        if max_epsilon is None and delta is None:
+            return None
+        if max_epsilon is None or delta is None:
+            raise ValueError("give max_epsilon and its delta together")
+        if not poisson_sampling:
+            raise ValueError(f"max_epsilon: {NOT_POISSON}")
+        return BudgetGuard(self.accountant, max_epsilon, delta)
 
     def _random_sources(self, seed: int | None, noise_generator: torch.Generator | None,
                         topology: Topology) -> tuple[int | None, NoiseSource | SecureNoiseSource]:
@@ -229,6 +294,35 @@ class PrivacyEngine:
 
     def _account_step(self) -> None:
         self.accountant.step(self.optimizer.noise_multiplier, self.sample_rate)
+
+    def on_step(self, callback: Callable[[StepMetrics], None], delta: float | None = None,
+                epsilon_every: int = 1) -> None:
+        """After each logical step, `callback(StepMetrics)`: the examples clipped, their norms'
+        quantiles, the noise's scale and, with `delta`, epsilon spent every `epsilon_every` steps
+        (each an accounting of the whole run so far). monitoring.CSVWriter(path) and
+        TensorBoardWriter(log_dir) are ready callbacks."""
+        if self.optimizer is None:
+            raise RuntimeError("on_step comes after make_private")
+        if epsilon_every < 1:
+            raise ValueError(f"epsilon_every must be at least 1, got {epsilon_every}")
+        if not self._watchers:
+            self.optimizer.step_norms = []
+            self.optimizer.on_logical_step(self._report_step)
+        self._watchers.append((callback, delta, epsilon_every))
+
+    def _report_step(self) -> None:
+        optimizer = self.optimizer
+        passes, optimizer.step_norms = optimizer.step_norms, []
+        grouping = optimizer.clipping.grouping
+        metrics = StepMetrics(step=optimizer.logical_steps, **norm_summary(passes),
+                              noise_std=optimizer.noise_multiplier * grouping.total_threshold,
+                              nonfinite_examples=optimizer.nonfinite_examples,
+                              noise_only_steps=optimizer.noise_only_steps, epsilon=None)
+        for callback, delta, every in self._watchers:
+            epsilon = None
+            if delta is not None and self.poisson_sampling and metrics.step % every == 0:
+                epsilon = self.accountant.get_epsilon(delta)
+            callback(dataclasses.replace(metrics, epsilon=epsilon))
 
     # ------------------------------------------------------------------------------------ report
     def get_epsilon(self, delta: float) -> float:
@@ -284,6 +378,21 @@ class PrivacyEngine:
         if "random" in state and self.optimizer is not None:
             self.data_loader.load_state_dict(state["random"]["sampler"])
             self.optimizer.noise.load_state_dict(state["random"]["noise"])
+
+    def save_checkpoint(self, path, module: nn.Module, optimizer: DPOptimizer, **extra) -> None:
+        """One file with what a run needs to go on: the model's and the optimizer's state dicts and
+        this engine's (accountant, steps; the random streams of a `seed=` run), and `extra` objects."""
+        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "engine": self.state_dict(),
+                    "extra": extra}, path)
+
+    def load_checkpoint(self, path, module: nn.Module, optimizer: DPOptimizer) -> dict:
+        """Restore what save_checkpoint wrote into the model, the optimizer make_private returned and
+        this engine (attached by make_private first); returns the `extra` objects."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.load_state_dict(state["engine"])
+        return state["extra"]
 
     def _resumed_without_privacy(self) -> None:
         if not self._restored:

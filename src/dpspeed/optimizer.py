@@ -116,6 +116,10 @@ class DPOptimizer(Optimizer):
         self.nonfinite_examples = 0
         self.noise_only_steps = 0  # logical batches whose sums were not finite
         self._on_logical_step: list[Callable[[], None]] = []
+        self._before_logical_step: list[Callable[[], None]] = []
+        #: this logical batch's recorded passes and, per example of each, [squared norm, over a
+        #: threshold, counted], summed over the pass's released parts; only while metrics are watched
+        self.step_norms: list[tuple[Recording, list[torch.Tensor]]] | None = None
         self._granted = _GrantedGradients()
         self._all_reduce: data_parallel.BucketedAllReduce | None = None
         #: the engine's privacy state (save, restore, and what to do without it): in every checkpoint
@@ -132,7 +136,12 @@ class DPOptimizer(Optimizer):
         return self.clipping.grouping.total_threshold
 
     def on_logical_step(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after each logical step (noise added, parameters updated)."""
         self._on_logical_step.append(callback)
+
+    def before_logical_step(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` before each logical step releases anything; it may raise to refuse it."""
+        self._before_logical_step.append(callback)
 
     # ----------------------------------------------------------------------------- physical batches
     def begin_physical_batch(self, last: bool, row_mask: torch.Tensor | None = None, starting: bool = False,
@@ -226,9 +235,10 @@ class DPOptimizer(Optimizer):
         for recorded in self.controller.take_recordings():  # at the step: the buckets start in reduce()
             self.clip_and_add(recorded, self.clipping, start_buckets=False)
 
-    def clip_and_add(self, recorded: Recording, clipping: ClippingConfig, start_buckets: bool = True) -> None:
-        """Clip one recorded pass (or a released part of one) and add it to the running sums; on
-        the last physical batch, start the all-reduce of buckets whose sums are now final."""
+    def clip_and_add(self, recorded: Recording, clipping: ClippingConfig, start_buckets: bool = True,
+                     source: Recording | None = None) -> None:
+        """Clip one recorded pass (or a released part of `source`, a pass) and add it to the running
+        sums; on the last physical batch, start the all-reduce of buckets whose sums are now final."""
         def clip(on_sums=None) -> ClippedPass:
             return clip_pass(recorded, clipping, self.row_mask, on_sums)
 
@@ -239,8 +249,20 @@ class DPOptimizer(Optimizer):
             for name, s in clipped.sums.items():
                 self._add(name, s)
         self.note_nonfinite(clipped.nonfinite)
+        if self.step_norms is not None and clipped.sq_norm is not None:
+            self._note_norms(source if source is not None else recorded, clipped)
         if start_buckets:
             self._start_final_buckets(recorded)
+
+    def _note_norms(self, source: Recording, clipped) -> None:
+        """Add a released part's per-example numbers to its pass's (the parts hold disjoint groups)."""
+        for seen, numbers in self.step_norms:
+            if seen is source:
+                numbers[0] = numbers[0] + clipped.sq_norm
+                numbers[1] = numbers[1] | clipped.over
+                numbers[2] = numbers[2] & clipped.counted
+                return
+        self.step_norms.append((source, [clipped.sq_norm, clipped.over, clipped.counted]))
 
     # ----------------------------------------------------------------------------- across processes
     def _reducer(self) -> data_parallel.BucketedAllReduce | None:
@@ -314,6 +336,9 @@ class DPOptimizer(Optimizer):
                 "optimizer.step() on a batch that the data loader returned by make_private did not yield (does "
                 "the loop run over the original loader?): the privacy accounting assumes dpspeed's Poisson batches"
             )
+        if self.is_last_physical_batch:
+            for check in self._before_logical_step:
+                check()
         self._announced = False
         loss = None
         if closure is not None:

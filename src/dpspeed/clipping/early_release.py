@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..capture.hooks import Controller
-from ..capture.records import Binding, Call, Recording
+from ..capture.records import Binding, Call
 from .config import ClippingConfig
 from .groups import Grouping
 
@@ -45,10 +45,11 @@ def _complete(calls: list[Call]) -> bool:
 
 class EarlyRelease:
     """Watches arriving output gradients (`gradient_arrived`) and hands every completed unit of a
-    recording to `process(part, config)`, with the config narrowed to the unit's groups."""
+    recording to `process(part, config, source=recording)`, with the config narrowed to the unit's
+    groups."""
 
     def __init__(self, controller: Controller, config: ClippingConfig,
-                 process: Callable[[Recording, ClippingConfig], None]):
+                 process: Callable[..., None]):
         self.controller = controller
         self.config = config
         self.process = process
@@ -78,4 +79,4 @@ class EarlyRelease:
             return
         part = {b: recorded.pop(b) for b in unit}
         names = {n for b in unit for n in b.params.values()}
-        self.process(part, self.config.with_grouping(self.config.grouping.holding(names)))
+        self.process(part, self.config.with_grouping(self.config.grouping.holding(names)), source=recorded)

@@ -36,12 +36,20 @@ class PassFactors:
     factors: torch.Tensor  # (groups, batch), already scaled back to the recorded gradients
     batch: int
     nonfinite: int
+    #: for the metrics (`monitoring`), per example: its squared norm over this pass's groups, whether
+    #: it exceeds a group's threshold, and whether it counts (a real example, its norm finite)
+    sq_norm: torch.Tensor | None = None
+    over: torch.Tensor | None = None
+    counted: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
 class ClippedPass:
     sums: Sums
     nonfinite: int
+    sq_norm: torch.Tensor | None = None  # as in PassFactors
+    over: torch.Tensor | None = None
+    counted: torch.Tensor | None = None
 
 
 def _per_sample(binding: Binding, call: Call) -> Sums:
@@ -152,13 +160,16 @@ def clip_factors(recorded: Recording, config: ClippingConfig, row_mask: torch.Te
         factors = factors * keep
         norms = torch.where(keep, norms, torch.zeros_like(norms))
     finite = torch.isfinite(norms).all(0)
+    counted = finite if row_mask is None else finite & row_mask.to(finite.device)
     nonfinite = 0
     if not bool(finite.all()):
         nonfinite = int((~finite).sum())
         factors = torch.where(finite, factors, torch.zeros_like(factors))
         explicit = {n: _zero_rows(Call((g,), {}, [g]), finite).args[0] for n, g in explicit.items()}
         calls = {b: [_zero_rows(c, finite) for c in cs] for b, cs in calls.items()}
-    return PassFactors(calls, methods, explicit, factors, batch, nonfinite)
+    bounds = torch.tensor(grouping.thresholds, device=norms.device, dtype=norms.dtype)[:, None]
+    return PassFactors(calls, methods, explicit, factors, batch, nonfinite, norms.square().sum(0),
+                       (norms > bounds).any(0), counted)
 
 
 @torch.no_grad()
@@ -206,7 +217,7 @@ def clip_pass(recorded: Recording, config: ClippingConfig, row_mask: torch.Tenso
             else:
                 on_sums(part)
     release(recorded)
-    return ClippedPass(sums, pf.nonfinite)
+    return ClippedPass(sums, pf.nonfinite, pf.sq_norm, pf.over, pf.counted)
 
 
 def release(recorded: Recording) -> None:
