@@ -13,9 +13,15 @@ from dp_accounting.rdp import rdp_privacy_accountant
 ACCOUNTANTS = ("pld", "rdp")
 
 
+#: the PLD accountant's grid of privacy-loss values. dp-accounting's default is 1e-4; on 1e-3 an
+#: epsilon costs a tenth of the time (digits, 240 steps: 0.04 s, not 0.4 s), and as the grid is
+#: pessimistic (connect-the-dots) it stays an upper bound, larger by ~1e-3 relative at epsilon ~ 1
+PLD_DISCRETIZATION = 1e-3
+
+
 def _fresh(kind: str) -> dp_accounting.PrivacyAccountant:
     if kind == "pld":
-        return pld_privacy_accountant.PLDAccountant()
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     if kind == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     raise ValueError(f"unknown accountant {kind!r}; choose one of {ACCOUNTANTS}")
