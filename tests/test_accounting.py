@@ -207,3 +207,32 @@ def test_max_epsilon_arguments_are_checked_before_anything_is_attached(options, 
                                      data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=2.0,
                                      **{"delta": 1e-5, **options})
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_epsilon_after_every_step_equals_composing_the_whole_history():
+    """The accountant extends its kept distribution by the steps taken since the last query."""
+    from dpspeed.accounting import Accountant
+
+    kept = Accountant("pld")
+    for step in range(40):
+        kept.step(1.2 if step < 25 else 0.9, 0.05)
+        if step % 7 == 0 or step >= 38:
+            fresh = Accountant("pld")
+            fresh.history = [list(run) for run in kept.history]
+            assert kept.get_epsilon(1e-5) == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
+    reference = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for sigma, rate, steps in kept.history:
+        reference.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps))
+    assert kept.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    kept.load_state_dict({"kind": "pld", "history": [[2.0, 0.01, 3]]})  # not an extension: composed afresh
+    assert kept.get_epsilon(1e-5) == pytest.approx(epsilon_at("pld", 2.0, 0.01, 3, 1e-5), rel=1e-9)
+
+
+def test_steps_without_noise_give_infinite_epsilon():
+    from dpspeed.accounting import Accountant
+
+    accountant = Accountant("pld")
+    accountant.step(1.0, 0.1)
+    accountant.step(0.0, 0.1)
+    assert accountant.get_epsilon(1e-5) == float("inf")

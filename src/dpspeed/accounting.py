@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -33,6 +34,42 @@ def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_acco
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
+class _IncrementalPLD:
+    """The privacy-loss distribution of a history of runs, kept between queries and extended by
+    the steps taken since: one step composed onto it costs milliseconds, where composing every
+    step again costs a tenth of a second. The same distribution as PLDAccountant's (tested)."""
+
+    def __init__(self):
+        self.covered: list[list] = []
+        self.pld = None
+        self._one_step: dict[tuple[float, float], object] = {}
+
+    def _step(self, sigma: float, rate: float):
+        if (sigma, rate) not in self._one_step:
+            self._one_step[sigma, rate] = privacy_loss_distribution.from_gaussian_mechanism(
+                sigma, sampling_prob=rate, use_connect_dots=True, value_discretization_interval=PLD_DISCRETIZATION)
+        return self._one_step[sigma, rate]
+
+    def _extends(self, history: list[list]) -> bool:
+        """Whether `history` is the covered one with steps added (to its last run, or new runs)."""
+        last = len(self.covered) - 1
+        return len(self.covered) <= len(history) and all(
+            old[:2] == new[:2] and (old[2] == new[2] or (i == last and old[2] < new[2]))
+            for i, (old, new) in enumerate(zip(self.covered, history)))
+
+    def of(self, history: list[list]):
+        """The distribution after `history` (None for no steps)."""
+        if not self._extends(history):
+            self.covered, self.pld = [], None
+        for i, (sigma, rate, count) in enumerate(history):
+            extra = count - (self.covered[i][2] if i < len(self.covered) else 0)
+            if extra:
+                added = self._step(sigma, rate).self_compose(extra) if extra > 1 else self._step(sigma, rate)
+                self.pld = added if self.pld is None else self.pld.compose(added)
+        self.covered = [list(run) for run in history]
+        return self.pld
+
+
 class Accountant:
     """The steps actually taken, as [noise_multiplier, sample_rate, steps] runs."""
 
@@ -40,6 +77,7 @@ class Accountant:
         _fresh(kind)  # validates the name
         self.kind = kind
         self.history: list[list] = []
+        self._pld = _IncrementalPLD()
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
@@ -61,6 +99,13 @@ class Accountant:
         return accountant
 
     def get_epsilon(self, delta: float) -> float:
+        if self.kind == "pld":
+            if not 0 < delta < 1:
+                raise ValueError(f"delta must be in (0, 1), got {delta}")
+            if any(sigma == 0 and steps for sigma, _, steps in self.history):
+                return math.inf  # a step without noise protects nothing
+            pld = self._pld.of(self.history)
+            return 0.0 if pld is None else float(pld.get_epsilon_for_delta(delta))
         accountant = self._composed(delta)
         with _quiet_absl():
             return float(accountant.get_epsilon(delta))

@@ -52,7 +52,8 @@ def test_cli_runs_with_options_and_reports(capsys):
 
 def test_cli_reports_bad_input_clearly(capsys):
     assert cli.main(["train", "--clipping-mode", "magic", "--epochs", "1", "--no-progress"]) == 2
-    assert "clipping_mode" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "clipping_mode" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def _write_cifar(folder, files, key, classes, n=20):
@@ -78,7 +79,7 @@ def test_cifar_pickles_are_read_from_disk(tmp_path, name):
 
 def test_missing_cifar_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress"]) == 2
-    assert "data_batch_1" in capsys.readouterr().out
+    assert "data_batch_1" in capsys.readouterr().err
 
 
 def test_epsilon_command_gives_epsilon_or_the_noise_for_a_target(capsys):
@@ -93,10 +94,68 @@ def test_epsilon_command_gives_epsilon_or_the_noise_for_a_target(capsys):
     sigma = float(capsys.readouterr().out.split("σ = ")[1].split()[0])
     assert epsilon_at("rdp", sigma * 1.001, 0.01, 500, 1e-5) <= 3.0 <= epsilon_at("rdp", sigma * 0.99, 0.01, 500, 1e-5)
     assert cli.main(["epsilon", "--sigma", "1.0", "--steps", "10"]) == 2
-    assert capsys.readouterr().out.strip().count("\n") == 0  # one line, no traceback
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
 
 
 def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("dpspeed ")
+
+
+@pytest.mark.parametrize("argv,says", [
+    pytest.param(["train", "--device", "cuda"], "there is no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["train", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "--delta", "0.5"], "--delta must be in (0, 1/N)"),
+    (["train", "--model", "hf:bert"], "hf: models take token ids"),
+    (["train", "--model", "timm:vit_tiny_patch16_224"], "cannot take this data's inputs of shape (1, 8, 8)"),
+    (["train", "--model", "timm:resnet5"], "did you mean resnet50"),
+    (["train", "--model", "py:no_such_file.py:build"], "no file no_such_file.py"),
+    (["report", "a", "b", "c"], "one folder"),
+])
+def test_a_users_mistake_is_one_line_and_exit_code_2(capsys, argv, says):
+    if "timm:" in " ".join(argv):
+        pytest.importorskip("timm")
+    assert cli.main([*argv, "--no-progress"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["ghost", "mix-ghost"])
+def test_the_two_pass_modes_run_from_the_command_line(mode, capsys):
+    assert cli.main(["train", "--epochs", "1", "--clipping-mode", mode, "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_help_does_not_load_torch():
+    """`dpspeed --help` and `dpspeed train --help` build only the chosen command: no torch import."""
+    import subprocess
+    import sys
+
+    for argv in (["--help"], ["train", "--help"], ["epsilon", "--help"]):
+        code = ("import sys; from dpspeed.apps import cli\n"
+                f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+                "print('torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip().splitlines()[-1] == "False", (argv, done.stderr)
+
+
+def test_train_resumes_a_run_from_its_folder(tmp_path, capsys):
+    """A run stopped after epoch 1 of 2, resumed: epsilon and the step count continue, the noise
+    multiplier is the one the run was calibrated to, and the finished run cannot be resumed again."""
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--epochs", "1", "--out", out, "--no-progress"]) == 0
+    first = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    config = first["extra"]["config"]
+    config["epochs"] = 2  # as if it had been started for 2 epochs and stopped after the first
+    torch.save(first, tmp_path / "run" / "checkpoint.pt")
+    assert cli.main(["train", "--resume", out, "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["steps"] == 2 * first["engine"]["logical_steps"]
+    assert metrics["noise_multiplier"] == pytest.approx(first["extra"]["noise_multiplier"])
+    assert metrics["epsilon"] > metrics["history"][0]["epsilon"]
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", out, "--no-progress"]) == 2
+    assert "has trained all its 2 epochs" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .train import TrainConfig, parse_style, train
+from .options import TrainConfig, parse_style
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -36,10 +36,9 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def _train_parser(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a model under differential privacy",
-                       description="Train under DP-SGD. With no options: a small CNN on scikit-learn's digits, ε = 8.")
+    p.description = ("Train under DP-SGD. With no options: a small CNN on scikit-learn's digits, ε = 8.")
     p.add_argument("--model", default=d.model, help="small_cnn, mlp, timm:NAME (random weights), or your own py:FILE.py:FUNCTION")
     p.add_argument("--data", default=d.data, choices=["digits", "cifar10", "cifar100"])
     p.add_argument("--data-dir", default=None, help="folder of the CIFAR python pickles (no download)")
@@ -60,19 +59,21 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the model's initialisation and the data split")
     p.add_argument("--reproducible", action="store_true",
                    help="seed the batches and the noise with --seed too: anyone who knows it can regenerate them")
-    p.add_argument("--out", default=None, help="folder for metrics.json and checkpoint.pt")
+    p.add_argument("--out", default=None, help="folder for metrics.json and checkpoint.pt (written after every epoch)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run saved in DIR to the epochs it was started with (its options; other options "
+                        "are ignored)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
+def _bench_parser(p: argparse.ArgumentParser) -> None:
     from ..bench.setups import PRECISIONS
     from ..bench.study import BenchConfig
 
     d = BenchConfig()
-    p = sub.add_parser("bench", help="measure what DP costs on this model and device",
-                       description="Measure throughput, largest physical batch, time breakdown and memory of "
-                       "non-private training and every clipping mode; write results.json, plots and report.md. "
-                       "With no options: a small CNN on the GPU if there is one, else the CPU, in a few minutes.")
+    p.description = ("Measure throughput, largest physical batch, time breakdown and memory of "
+        "non-private training and every clipping mode; write results.json, plots and report.md. "
+        "With no options: a small CNN on the GPU if there is one, else the CPU, in a few minutes.")
     p.add_argument("--model", "--models", dest="models", nargs="+", default=d.models,
                    help="small_cnn, mlp, timm:NAME or hf:MODEL_TYPE (random weights), your own py:FILE.py:FUNCTION; several give the curve over sizes")
     p.add_argument("--image-size", type=int, default=d.image_size)
@@ -102,14 +103,13 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _audit_parser(sub: argparse._SubParsersAction) -> None:
+def _audit_parser(p: argparse.ArgumentParser) -> None:
     from ..audit import AuditConfig
 
     d = AuditConfig()
-    p = sub.add_parser("audit", help="an empirical lower bound on epsilon from one training run",
-                       description="Insert canaries, each with probability 1/2, train once, guess which were in, and "
-                       "turn the guesses into a lower bound on epsilon (Steinke, Nasr & Jagielski 2023), beside the "
-                       "claimed epsilon. With no options: a linear classifier on digits, epsilon = 1, in seconds.")
+    p.description = ("Insert canaries, each with probability 1/2, train once, guess which were in, and "
+        "turn the guesses into a lower bound on epsilon (Steinke, Nasr & Jagielski 2023), beside the "
+        "claimed epsilon. With no options: a linear classifier on digits, epsilon = 1, in seconds.")
     p.add_argument("--canaries", type=int, default=d.canaries)
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="the claimed epsilon the noise is calibrated to")
     p.add_argument("--delta", type=float, default=d.delta)
@@ -123,12 +123,11 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/audit", help="folder for audit.json")
 
 
-def _epsilon_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("epsilon", help="epsilon of a DP-SGD run, or the noise multiplier for a target epsilon",
-                       description="epsilon after STEPS Poisson-sampled Gaussian steps (--sigma), or the smallest noise "
-                                   "multiplier reaching --target-epsilon. The rate is --sample-rate, or --batch-size / "
-                                   "--examples; the steps are --steps, or --epochs x ceil(1 / rate) as make_private "
-                                   "counts them.")
+def _epsilon_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("epsilon after STEPS Poisson-sampled Gaussian steps (--sigma), or the smallest noise "
+        "multiplier reaching --target-epsilon. The rate is --sample-rate, or --batch-size / "
+        "--examples; the steps are --steps, or --epochs x ceil(1 / rate) as make_private "
+        "counts them.")
     privacy = p.add_mutually_exclusive_group(required=True)
     privacy.add_argument("--sigma", type=float, help="noise multiplier: print epsilon")
     privacy.add_argument("--target-epsilon", type=float, help="print the noise multiplier that reaches it")
@@ -169,11 +168,7 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
     from ..audit import AuditConfig, run_audit
 
     options = {k: v for k, v in vars(args).items() if k in AuditConfig.__dataclass_fields__}
-    try:
-        result = run_audit(AuditConfig(**options))
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    result = run_audit(AuditConfig(**options))
     verdict = "[red]contradicts the claim[/red]" if result.contradicts_claim else "consistent with the claim"
     console.print(f"epsilon lower bound [bold]{result.epsilon_lower_bound:.3f}[/bold] at {result.confidence:.0%} "
                   f"confidence ({result.correct} of {result.guesses} guesses right, {result.canaries} canaries), "
@@ -182,10 +177,9 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.contradicts_claim else 0
 
 
-def _report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="rebuild report.md and plots from results.json, or compare two result folders",
-                       description="dpspeed report DIR rebuilds DIR/report.md and its plots; dpspeed report A B "
-                       "writes a comparison of two result folders (two GPUs, two versions).")
+def _report_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("dpspeed report DIR rebuilds DIR/report.md and its plots; dpspeed report A B "
+        "writes a comparison of two result folders (two GPUs, two versions).")
     p.add_argument("folders", nargs="+", help="one or two folders holding results.json")
     p.add_argument("--out", default=None, help="where to write (default: the first folder)")
 
@@ -220,59 +214,65 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     from ..bench.report import build, compare, load
 
     if len(args.folders) > 2:
-        console.print("[red]error:[/red] give one folder to rebuild its report, or two to compare them")
-        return 2
-    try:
-        loaded = [load(f) for f in args.folders]
-    except FileNotFoundError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+        raise ValueError("give one folder to rebuild its report, or two to compare them")
+    loaded = [load(f) for f in args.folders]
     out = Path(args.out or args.folders[0])
     path = build(loaded[0], out) if len(loaded) == 1 else compare(loaded[0], loaded[1], tuple(args.folders), out)
     console.print(f"wrote {path}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpspeed", description="Differentially private training at non-private speed")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--version", action="version", version=f"dpspeed {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _bench_parser(sub)
-    _report_parser(sub)
-    _audit_parser(sub)
-    _epsilon_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
-    if args.command == "bench":
-        return _bench(args, console)
-    if args.command == "report":
-        return _report(args, console)
-    if args.command == "audit":
-        return _audit(args, console)
-    if args.command == "epsilon":
-        try:
-            return _epsilon(args, console)
-        except ValueError as err:
-            console.print(f"[red]error:[/red] {err}")
-            return 2
-    if args.command == "train":
-        options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-        if options["epsilon"] is None and options["sigma"] is None:
-            options["epsilon"] = TrainConfig().epsilon
-        try:
-            result = train(TrainConfig(**options), show_progress=not args.no_progress)
-        except (ValueError, FileNotFoundError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            return 2
-        console.print(
-            f"test accuracy [bold]{result.test_accuracy:.4f}[/bold] at ε = [bold]{result.epsilon:.2f}[/bold] "
-            f"(δ = {result.delta:g}, σ = {result.noise_multiplier:.3f}, {result.steps} steps, {result.seconds:.0f} s)"
-        )
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from .train import train
+
+    options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if options["epsilon"] is None and options["sigma"] is None:
+        options["epsilon"] = TrainConfig().epsilon
+    result = train(TrainConfig(**options), show_progress=not args.no_progress)
+    console.print(
+        f"test accuracy [bold]{result.test_accuracy:.4f}[/bold] at ε = [bold]{result.epsilon:.2f}[/bold] "
+        f"(δ = {result.delta:g}, σ = {result.noise_multiplier:.3f}, {result.steps} steps, {result.seconds:.0f} s)"
+    )
     return 0
 
+
+#: command -> (its one-line help, the builder of its arguments, what runs it)
+COMMANDS = {
+    "train": ("train a model under differential privacy", _train_parser, _train),
+    "bench": ("measure what DP costs on this model and device", _bench_parser, _bench),
+    "report": ("rebuild report.md and plots from results.json, or compare two result folders", _report_parser,
+               _report),
+    "audit": ("an empirical lower bound on epsilon from one training run", _audit_parser, _audit),
+    "epsilon": ("epsilon of a DP-SGD run, or the noise multiplier for a target epsilon", _epsilon_parser, _epsilon),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. Only the chosen command's arguments are built (and its modules imported),
+    so that `dpspeed --help` answers at once. A mistake is one line on stderr and exit code 2;
+    `-v` shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="dpspeed", description="Differentially private training at non-private speed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what dpspeed does; tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"dpspeed {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (summary, build, _) in COMMANDS.items():
+        command = sub.add_parser(name, help=summary, description=summary)
+        if name == chosen:
+            build(command)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=False)
+    try:
+        return COMMANDS[args.command][2](args, console)
+    except Exception as err:  # noqa: BLE001 -- a mistake of the user's is one line, not a traceback
+        if args.verbose:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message} [dim](-v: the traceback)[/dim]",
+                                                    highlight=False)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from torch import nn
 
 
@@ -33,6 +35,9 @@ def build(name: str, in_channels: int, image_size: int, classes: int) -> nn.Modu
             import timm
         except ImportError as err:
             raise ValueError("timm models need timm: pip install timm") from err
+        if not timm.is_model(name[5:]):
+            near = difflib.get_close_matches(name[5:], timm.list_models(), n=3, cutoff=0.5)
+            raise ValueError(f"timm has no model {name[5:]!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
         options = dict(pretrained=False, num_classes=classes, in_chans=in_channels)
         try:
             return timm.create_model(name[5:], img_size=image_size, **options)
@@ -82,10 +87,13 @@ def _transformers_classifier(model_type: str, classes: int) -> nn.Module:
         import transformers
     except ImportError as err:
         raise ValueError("hf: models need transformers: pip install transformers") from err
-    try:
-        config = transformers.AutoConfig.for_model(model_type, num_labels=classes)
-    except ValueError as err:
-        raise ValueError(f"unknown transformers model type {model_type!r} (use a type such as gpt2 or bert)") from err
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        near = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=3, cutoff=0.5)
+        raise ValueError(f"transformers has no model type {model_type!r}"
+                         + (f"; did you mean {', '.join(near)}?" if near else " (use a type such as gpt2 or bert)"))
+    config = transformers.AutoConfig.for_model(model_type, num_labels=classes)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     return transformers.AutoModelForSequenceClassification.from_config(config)

@@ -8,36 +8,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import data, models
 from ..engine import PrivacyEngine
+from .options import TrainConfig, parse_style
 
-
-
-@dataclass
-class TrainConfig:
-    model: str = "small_cnn"
-    data: str = "digits"
-    data_dir: str | None = None
-    epochs: int = 20
-    batch_size: int = 128
-    physical_batch_size: int | None = None
-    lr: float = 0.5
-    epsilon: float | None = 8.0
-    delta: float = 1e-5
-    sigma: float | None = None
-    max_grad_norm: float = 1.0
-    clipping_mode: str = "auto"
-    clipping_style: str = "all-layer"
-    clipping_fn: str = "automatic"
-    accountant: str = "pld"
-    device: str = "cpu"
-    seed: int = 0  # the model's initialisation and the data split
-    reproducible: bool = False  # the batches and the noise from `seed` too (anyone with it can regenerate them)
-    out: str | None = None
 
 
 @dataclass
@@ -51,10 +28,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def parse_style(value: str):
-    return int(value) if value.isdigit() else value
-
-
 def accuracy(model: torch.nn.Module, dataset: TensorDataset, device: str, batch: int = 512) -> float:
     model.eval()
     correct = 0
@@ -65,14 +38,59 @@ def accuracy(model: torch.nn.Module, dataset: TensorDataset, device: str, batch:
     return correct / len(dataset)
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
-    """Train `config.model` on `config.data` with DP-SGD (momentum 0.9); return test accuracy and epsilon."""
+def check(config: TrainConfig, examples: int) -> None:
+    """The mistakes found before anything is built, each with what to do."""
     if (config.epsilon is None) == (config.sigma is None):
         raise ValueError("give exactly one of a target epsilon or a noise multiplier sigma")
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
+    if not 0 < config.delta < 1 / examples:
+        raise ValueError(f"--delta must be in (0, 1/N) = (0, {1 / examples:.2g}) for N = {examples} training "
+                         f"examples (a delta of 1/N or more allows publishing one example outright); got {config.delta:g}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: there is no CUDA device here; use --device cpu")
+    if models.is_text(config.model):
+        raise ValueError(f"--model {config.model}: hf: models take token ids, and dpspeed train's data sets are "
+                         "images; use timm:NAME or your own py:FILE.py:FUNCTION (hf: models work in dpspeed bench)")
+
+
+def _fits(model: torch.nn.Module, sample: torch.Tensor, name: str) -> None:
+    """The model takes the data's inputs: said before training, not as an error deep inside it."""
+    try:
+        with torch.no_grad():
+            model.eval()(sample[None])
+    except Exception as err:  # noqa: BLE001 -- whatever the model raises, the cause is the input size
+        raise ValueError(f"--model {name} cannot take this data's inputs of shape {tuple(sample.shape)}: "
+                         f"{str(err).splitlines()[0]}") from err
+    model.train()
+
+
+def _saved_run(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
+    """With `resume`: the saved run's options (its folder as `out` unless another is given) and
+    its checkpoint."""
+    if config.resume is None:
+        return config, None
+    path = Path(config.resume) / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"--resume {config.resume}: no checkpoint.pt there (dpspeed train --out DIR writes one "
+                         "after every epoch)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    options = {**saved["extra"]["config"], "resume": config.resume, "out": config.out or config.resume}
+    return TrainConfig(**options), saved["extra"]
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
+    """Train `config.model` on `config.data` with DP-SGD (momentum 0.9); return test accuracy and
+    epsilon. With `resume`, continue the run saved in that folder to the epochs it was started with:
+    its model, optimizer, accountant and noise multiplier (a `--reproducible` run's batches and
+    noise too)."""
+    config, saved = _saved_run(config)
     torch.manual_seed(config.seed)
     train_set, test_set, classes = data.load(config.data, config.data_dir, config.seed)
+    check(config, len(train_set))
     sample = train_set[0][0]
     model = models.build(config.model, sample.shape[0], sample.shape[-1], classes).to(config.device)
+    _fits(model, sample.to(config.device), config.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     loader = DataLoader(train_set, batch_size=config.batch_size)
     engine = PrivacyEngine(accountant=config.accountant)
@@ -81,36 +99,55 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         clipping_mode=config.clipping_mode, clipping_style=parse_style(config.clipping_style),
         clipping_fn=config.clipping_fn, max_physical_batch_size=config.physical_batch_size,
         seed=config.seed if config.reproducible else None,
+        # every mode through the criterion make_private returns (ghost and mix-ghost need it)
+        criterion=torch.nn.CrossEntropyLoss(),
     )
-    if config.epsilon is not None:
-        model, optimizer, loader = engine.make_private_with_epsilon(
+    if saved is not None:  # the noise the run was calibrated to, not a new calibration
+        model, optimizer, criterion, loader = engine.make_private(noise_multiplier=saved["noise_multiplier"], **options)
+        engine.load_checkpoint(Path(config.resume) / "checkpoint.pt", model, optimizer)
+    elif config.epsilon is not None:
+        model, optimizer, criterion, loader = engine.make_private_with_epsilon(
             target_epsilon=config.epsilon, target_delta=config.delta, epochs=config.epochs, **options
         )
     else:
-        model, optimizer, loader = engine.make_private(noise_multiplier=config.sigma, **options)
+        model, optimizer, criterion, loader = engine.make_private(noise_multiplier=config.sigma, **options)
 
-    history: list[dict] = []
+    history: list[dict] = list(saved["history"]) if saved else []
+    first_epoch = len(history) + 1
+    if first_epoch > config.epochs:
+        raise ValueError(f"--resume {config.resume}: that run has trained all its {config.epochs} epochs")
     start = time.perf_counter()
     columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-               TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  ε {task.fields[eps]:.2f}"),
+               TextColumn("train loss {task.fields[loss]:.3f}  train acc {task.fields[train_acc]:.3f}  "
+                          "test acc {task.fields[test_acc]}  ε {task.fields[eps]:.2f}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not show_progress, transient=False) as progress:
-        task = progress.add_task("train", total=config.epochs * len(loader), epoch=1, loss=float("nan"), acc=0.0, eps=0.0)
-        for epoch in range(1, config.epochs + 1):
-            total_loss, seen = 0.0, 0
+        task = progress.add_task("train", total=config.epochs * len(loader), completed=(first_epoch - 1) * len(loader),
+                                 epoch=first_epoch, loss=float("nan"), train_acc=0.0, test_acc="-", eps=0.0)
+        for epoch in range(first_epoch, config.epochs + 1):
+            total_loss, correct, seen = 0.0, 0, 0
             for x, y in loader:
                 x, y = x.to(config.device), y.to(config.device)
-                loss = F.cross_entropy(model(x), y, reduction="sum") / max(len(x), 1)
-                loss.backward()
+                if len(x):  # a Poisson batch can be empty: its step adds noise only
+                    logits = model(x)
+                    loss = criterion(logits, y)
+                    loss.backward()
+                    total_loss, seen = total_loss + float(loss.detach()) * len(x), seen + len(x)
+                    correct += int((logits.detach().argmax(1) == y).sum())
                 optimizer.step()
                 optimizer.zero_grad()
-                total_loss, seen = total_loss + float(loss.detach()) * len(x), seen + len(x)
-                if optimizer.is_last_physical_batch:
-                    progress.update(task, advance=1, epoch=epoch, loss=total_loss / max(seen, 1))
+                if optimizer.is_last_physical_batch:  # epsilon after every logical step (milliseconds)
+                    progress.update(task, advance=1, epoch=epoch, loss=total_loss / max(seen, 1),
+                                    train_acc=correct / max(seen, 1), eps=engine.get_epsilon(config.delta))
             eps = engine.get_epsilon(config.delta)
             acc = accuracy(model, test_set, config.device)
-            history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "test_accuracy": acc, "epsilon": eps})
-            progress.update(task, acc=acc, eps=eps)
+            history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                            "test_accuracy": acc, "epsilon": eps})
+            progress.update(task, test_acc=f"{acc:.3f}", eps=eps)
+            if config.out:  # after every epoch: a run stopped here resumes with --resume
+                Path(config.out).mkdir(parents=True, exist_ok=True)
+                engine.save_checkpoint(Path(config.out) / "checkpoint.pt", model, optimizer, config=asdict(config),
+                                       history=history, noise_multiplier=optimizer.noise_multiplier)
 
     result = TrainResult(
         test_accuracy=history[-1]["test_accuracy"], epsilon=history[-1]["epsilon"], delta=config.delta,
@@ -121,7 +158,5 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps({"config": asdict(config), **asdict(result)}, indent=2))
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.original_optimizer.state_dict(),
-                    "privacy": engine.state_dict(), "config": asdict(config)}, out / "checkpoint.pt")
     engine.detach()
     return result

@@ -85,6 +85,11 @@ def build(results: dict, out: Path) -> Path:
                      e2e.get(key, {}).get("per_second")])
     lines += _table(["model", "precision", "setup", "best batch", f"{unit}/s", "× non-private", "× own fp32",
                      "largest batch", "largest × non-private's", f"end-to-end {unit}/s"], rows)
+    suspect = [r for r in results.get("throughput", []) if r.get("suspect")]
+    if suspect:
+        lines += ["", "**Distrusted measurements** (measured twice, left out of the table and the recommendation; "
+                  "re-run on a quiet machine):", ""]
+        lines += [f"- {r['model']}, {r['precision']}, {r['setup']}, batch {r['batch']}: {r['suspect']}" for r in suspect]
     for name, title in [("throughput_vs_batch.png", "Throughput over physical batch size"),
                         ("largest_batch.png", "Largest physical batch"), ("relative_throughput.png", "Relative throughput"),
                         ("precision_speedup.png", "Precision")]:

@@ -6,10 +6,31 @@ from __future__ import annotations
 from .setups import NON_PRIVATE
 
 
+#: repeats whose interquartile range exceeds this fraction of their median are distrusted
+SPREAD_LIMIT = 0.25
+#: a DP setup measured faster than non-private training by more than this (at the same batch) is
+#: distrusted: it does strictly more work, so one of the two measurements was disturbed
+FASTER_LIMIT = 1.02
+
+
+def doubts(row: dict, non_private: dict | None) -> list[str]:
+    """Why a throughput row cannot be trusted (empty: it can)."""
+    reasons = []
+    if row.get("spread", 0.0) > SPREAD_LIMIT:
+        reasons.append(f"its repeats spread by {row['spread']:.0%} of their median")
+    if non_private is not None and row["per_second"] > FASTER_LIMIT * non_private["per_second"]:
+        reasons.append(f"DP measured {row['per_second'] / non_private['per_second']:.2f}x as fast as non-private "
+                       "training at the same batch")
+    return reasons
+
+
 def best_points(results: dict) -> dict[tuple[str, str, str], dict]:
-    """(model, precision, setup) -> the throughput row with the most examples per second."""
+    """(model, precision, setup) -> the trusted throughput row with the most examples per second
+    (a row the bench flagged as `suspect` is left out)."""
     best: dict[tuple[str, str, str], dict] = {}
     for row in results.get("throughput", []):
+        if row.get("suspect"):
+            continue
         key = (row["model"], row["precision"], row["setup"])
         if key not in best or row["per_second"] > best[key]["per_second"]:
             best[key] = row

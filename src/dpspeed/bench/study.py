@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import __version__
 from ..clipping.methods import ALL_MODES, TWO_PASS_MODES
 from .memory import fact_6_1, layer_sizes, peak_bytes
-from .results import recommend
+from .results import doubts, recommend
 from .search import free_memory, largest_batch
 from .setups import NON_PRIVATE, Setup
 from .timing import breakdown, end_to_end, throughput
@@ -188,7 +188,7 @@ class Study:
             for batch in sizes:
                 x, y = workload.batch(batch, self.device)
                 try:
-                    row = throughput(setup, x, y, precision, c.repeats, c.warmup)
+                    row = self._trusted_throughput(setup, key, x, y)
                 except torch.OutOfMemoryError:  # fitted in the search; fragmentation can still tip it over
                     logger.warning("%s ran out of memory at batch %d while timing; skipped", label, batch)
                     setup.reset()
@@ -211,6 +211,21 @@ class Study:
                 free_memory()
         finally:
             setup.close()
+
+    def _trusted_throughput(self, setup: Setup, key: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """A throughput row, measured once more if it cannot be right (`results.doubts`), and
+        flagged `suspect` with the reasons if the second measurement cannot be trusted either."""
+        c = self.config
+        non_private = next((r for r in self.results["throughput"] if r["model"] == key["model"] and r["batch"] == len(x)
+                            and r["precision"] == key["precision"] and r["setup"] == NON_PRIVATE), None)
+        row = throughput(setup, x, y, key["precision"], c.repeats, c.warmup)
+        if doubts(row, non_private if key["setup"] != NON_PRIVATE else None):
+            row = throughput(setup, x, y, key["precision"], c.repeats, c.warmup)
+            reasons = doubts(row, non_private if key["setup"] != NON_PRIVATE else None)
+            if reasons:
+                row["suspect"] = "; ".join(reasons)
+                logger.warning("distrusted %s at batch %d: %s", key, len(x), row["suspect"])
+        return row
 
     def _memory(self, workload: Workload, base: torch.nn.Module) -> None:
         """Peak memory of one step per clipping style next to Fact 6.1, at one batch size."""

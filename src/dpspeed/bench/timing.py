@@ -58,7 +58,7 @@ def throughput(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str, r
     seconds = [timed_step(setup, x, y, precision) for _ in range(repeats)]
     q1, median, q3 = quartiles(seconds)
     batch = len(x)
-    return {"batch": batch, "seconds": seconds, "seconds_median": median,
+    return {"batch": batch, "seconds": seconds, "seconds_median": median, "spread": (q3 - q1) / median,
             "per_second": batch / median, "per_second_q1": batch / q3, "per_second_q3": batch / q1}
 
 
