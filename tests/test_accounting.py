@@ -236,3 +236,32 @@ def test_steps_without_noise_give_infinite_epsilon():
     accountant.step(1.0, 0.1)
     accountant.step(0.0, 0.1)
     assert accountant.get_epsilon(1e-5) == float("inf")
+
+
+def test_max_epsilon_is_checked_again_when_the_history_is_replaced():
+    """A checkpoint loaded after training started brings a history the guard's horizon never saw."""
+    from dpspeed.accounting import BudgetExhausted
+
+    engine, model, optimizer, loader = _budgeted(3.0)
+    for x, y in loader:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.accountant.load_state_dict({"kind": "pld", "history": [[0.5, 0.25, 3]]})  # few steps, far over budget
+    with pytest.raises(BudgetExhausted):
+        for x, y in loader:
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_a_refused_two_pass_step_leaves_no_gradient_behind():
+    from dpspeed.accounting import BudgetExhausted
+
+    engine, model, optimizer, criterion, loader = _budgeted(0.01, criterion=nn.CrossEntropyLoss(),
+                                                            clipping_mode="ghost")
+    with pytest.raises(BudgetExhausted):
+        for x, y in loader:
+            criterion(model(x), y).backward()
+            optimizer.step()
+    assert all(p.grad is None for p in model.parameters())

@@ -320,8 +320,11 @@ class PrivacyEngine:
                               noise_only_steps=optimizer.noise_only_steps, epsilon=None)
         for callback, delta, every in self._watchers:
             epsilon = None
-            if delta is not None and self.poisson_sampling and metrics.step % every == 0:
-                epsilon = self.accountant.get_epsilon(delta)
+            if delta is not None and metrics.step % every == 0:
+                try:  # as get_epsilon gives it: None where it refuses (not Poisson, resumed without the privacy state)
+                    epsilon = self.get_epsilon(delta)
+                except ValueError:
+                    epsilon = None
             callback(dataclasses.replace(metrics, epsilon=epsilon))
 
     # ------------------------------------------------------------------------------------ report

@@ -200,6 +200,8 @@ class DPOptimizer(Optimizer):
         self.summed = {}
         self._announced = False
         self.controller.clear()
+        if self.step_norms is not None:
+            self.step_norms = []
         if self._all_reduce is not None:
             self._all_reduce.reset()
 
@@ -337,8 +339,14 @@ class DPOptimizer(Optimizer):
                 "the loop run over the original loader?): the privacy accounting assumes dpspeed's Poisson batches"
             )
         if self.is_last_physical_batch:
-            for check in self._before_logical_step:
-                check()
+            try:
+                for check in self._before_logical_step:
+                    check()
+            except BaseException:  # refused: nothing of this batch stays (the two-pass modes' sums are in p.grad)
+                self.discard_logical_batch()
+                for p in self.controller.params.values():
+                    p.grad = None
+                raise
         self._announced = False
         loss = None
         if closure is not None:

@@ -170,6 +170,11 @@ def check_model(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...
 
         check_model(model.double(), x.double(), y, modes=["bk", "auto"])
     """
+    if targets is None and loss_fn is None:
+        raise ValueError("give targets for the default per-example cross-entropy, or a loss_fn(outputs)")
+    if callable(inputs):
+        raise TypeError("check_model(model, inputs, targets, loss_fn): for a per-example loss of (model, batch), "
+                        "use check_losses(model, per_example_loss, tensors)")
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     count = len(inputs)
     loss_fn = loss_fn or (lambda outputs, y: F.cross_entropy(outputs, y, reduction="none"))

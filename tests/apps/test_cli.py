@@ -23,7 +23,7 @@ def test_train_default_job_reaches_target_accuracy(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_accuracy"] == result.test_accuracy and len(metrics["history"]) == TrainConfig().epochs
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert checkpoint["privacy"]["accountant"]["history"]
+    assert checkpoint["engine"]["accountant"]["history"] and checkpoint["optimizer"]["dpspeed"]
 
 
 def test_train_seeds_the_noise_only_when_asked(monkeypatch):
@@ -93,6 +93,8 @@ def test_epsilon_command_gives_epsilon_or_the_noise_for_a_target(capsys):
                      "rdp"]) == 0
     sigma = float(capsys.readouterr().out.split("σ = ")[1].split()[0])
     assert epsilon_at("rdp", sigma * 1.001, 0.01, 500, 1e-5) <= 3.0 <= epsilon_at("rdp", sigma * 0.99, 0.01, 500, 1e-5)
+    assert cli.main(["epsilon", "--sigma", "1.0", "--batch-size", "2", "--examples", "98", "--epochs", "1"]) == 0
+    assert "49 steps" in capsys.readouterr().out  # ceil(98 / 2), as make_private counts them
     assert cli.main(["epsilon", "--sigma", "1.0", "--steps", "10"]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
 

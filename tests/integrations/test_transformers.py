@@ -109,3 +109,17 @@ def test_privacy_arguments_need_a_target_or_a_noise_multiplier():
         PrivacyArguments()
     with pytest.raises(ValueError, match="exactly one"):
         PrivacyArguments(target_epsilon=1.0, noise_multiplier=1.0)
+
+
+def test_two_pass_modes_are_refused_and_a_compiled_causal_lm_is_still_shifted(tmp_path):
+    from dpspeed.integrations.transformers import _is_causal_lm
+
+    with pytest.raises(ValueError, match="one-pass mode"):
+        PrivacyArguments(noise_multiplier=1.0, clipping_mode="ghost")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                                                n_head=2))
+    assert _is_causal_lm(torch.compile(gpt2)) and not _is_causal_lm(
+        transformers.BertForSequenceClassification(transformers.BertConfig(**TEXT)))
+    trainer = DPTrainer(model=gpt2, args=_args(tmp_path), train_dataset=_language(8),
+                        privacy_args=PrivacyArguments(noise_multiplier=1.0))
+    assert trainer.args.ignore_data_skip  # a resumed epoch draws fresh Poisson batches, skips nothing

@@ -145,13 +145,20 @@ def _epsilon(args: argparse.Namespace, console: Console) -> int:
 
     if args.sample_rate is None and (args.batch_size is None or args.examples is None):
         raise ValueError("give --sample-rate, or --batch-size and --examples")
+    if args.sample_rate is None and not 0 < args.batch_size <= args.examples:
+        raise ValueError(f"--batch-size must be in [1, --examples], got {args.batch_size} of {args.examples}")
     rate = args.sample_rate if args.sample_rate is not None else args.batch_size / args.examples
     if not 0 < rate <= 1:
         raise ValueError(f"the sample rate must be in (0, 1], got {rate:g}")
     if (args.steps is None) == (args.epochs is None):
         raise ValueError("give --steps or --epochs (one of them)")
-    # as make_private counts them: ceil(N / batch_size) = ceil(1 / q) logical batches per epoch
-    steps = args.steps if args.steps is not None else max(1, round(args.epochs * math.ceil(1 / rate)))
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs:g}")
+    if args.sigma is not None and args.sigma <= 0:
+        raise ValueError(f"--sigma must be positive, got {args.sigma:g}")
+    # as make_private counts them: ceil(N / batch_size) logical batches per epoch (ceil(1 / q) from a rate)
+    per_epoch = -(-args.examples // args.batch_size) if args.sample_rate is None else math.ceil(1 / rate)
+    steps = args.steps if args.steps is not None else max(1, round(args.epochs * per_epoch))
     if steps < 1 or not 0 < args.delta < 1:
         raise ValueError("--steps must be at least 1 and --delta in (0, 1)")
     where = f"q = {rate:.4g}, {steps} steps, δ = {args.delta:g}, {args.accountant.upper()}"

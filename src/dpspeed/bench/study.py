@@ -198,7 +198,7 @@ class Study:
             timed = [r for r in self.results["throughput"] if all(r[k] == v for k, v in key.items())]
             if not timed:
                 return
-            best = max(timed, key=lambda r: r["per_second"])
+            best = max([r for r in timed if not r.get("suspect")] or timed, key=lambda r: r["per_second"])
             x, y = workload.batch(best["batch"], self.device)
             try:
                 self.results["breakdown"].append({**key, **breakdown(setup, x, y, precision, c.repeats)})

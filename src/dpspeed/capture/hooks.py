@@ -100,6 +100,9 @@ class Controller:
     def attach(self) -> None:
         # bound now to refuse unsupported layers early; their hooks go in after the first trace
         self.bindings = bind_parameters(self.model, self.params, None, self._fallback)
+        # a model that is itself such a layer needs its forward routed before its first call fetches it
+        self._binding_hooks = [OwnForward(b.module, self._make_recorded_forward(b)) for b in self.bindings
+                               if b.module is self.model and b.rule.records_inside]
         self._root_hooks = [
             # first: under fully_shard, parameters stop requiring gradients before they are gathered
             self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True),
@@ -136,6 +139,13 @@ class Controller:
                     f"{type(b.module).__name__} at '{b.name or '<root>'}' needs the torch.func fallback, which "
                     "replays the module with its full weights; that is not supported under fully_shard. Give "
                     "it a rule, or keep its parameters out of the sharded modules"
+                )
+            if isinstance(b.rule, FunctionalRule) and any(isinstance(m, nn.RNNBase) for m in b.module.modules()):
+                raise ValueError(
+                    f"{type(b.module).__name__} at '{b.name or '<root>'}' uses {sorted(b.params.values())} in its own "
+                    "code and needs the torch.func fallback, which replays it one example at a time; the recurrent "
+                    "layer inside it cannot be replayed so. Use those parameters through a module of their own (an "
+                    "nn.Linear head instead of F.linear(x, embed.weight)), or register a rule for it"
                 )
             if isinstance(b.rule, ParameterOpRule):
                 taps = OpTaps(b, lambda use, leaves, b=b: self._on_op_use(b, use, leaves), self._recording, sharded)
@@ -189,8 +199,10 @@ class Controller:
         training = torch.is_grad_enabled() and module.training
         if not self._independence_checked and training and (self._sharded or (rows or 0) >= 2):
             self._independence_checked = True
+            watched = [(b.name, b.module) for b in self.bindings  # the layers whose input rows are mapped to examples
+                       if not b.rule.records_inside and not isinstance(b.rule, ParameterOpRule)]
             with self.paused():
-                check_examples_independent(self.model, args, kwargs, rows or 0)
+                check_examples_independent(self.model, args, kwargs, rows or 0, watched)
             self._watch_rows = rows
         if torch.is_grad_enabled():
             self._begin_pass(rows)

@@ -25,6 +25,10 @@ OnUse = Callable[[OpUse, list], list]  # (the use, its output leaves) -> the lea
 
 #: the parameter-only ops that may give a tensor its batch dimension
 _EXPANSIONS = {"expand", "expand_as", "broadcast_to", "repeat", "tile", "repeat_interleave"}
+#: the ops whose integer arguments are sizes (one equal to the batch size, after an expansion, is it)
+_SIZED = _EXPANSIONS | {"reshape", "view", "unflatten", "new_zeros", "new_ones", "new_full", "new_empty"}
+#: ops whose output carries no gradient back to the parameters: not a use, whatever meets it
+_NO_GRADIENT = {"detach", "detach_", "requires_grad_"}
 
 
 def _replace_batch_ints(leaves: list, batch: int, example_batch: int) -> list:
@@ -74,28 +78,30 @@ class OpTapRecorder(TorchFunctionMode):
             return lambda values, batch, name=name: values[name]
         return self._recipes.get(id(leaf))
 
-    def _keep_recipe(self, func, leaves: list, spec, recipes: dict[int, Recipe], output: torch.Tensor) -> None:
-        """Remember how a parameter-only op's output is rebuilt from the parameters' values for a
-        batch of any size: an expansion to the recorded batch in dimension 0 (cls_token.expand(B,
-        -1, -1)) becomes one to the new size, as does every op after it whose output keeps that
-        dimension (its integers equal to the batch size are the batch). No other op's integers are
-        touched: a permute of a table whose first size happens to equal the batch size is not an
-        expansion."""
-        leading = output.dim() > 0 and output.shape[0] == self.batch
-        expands = getattr(func, "__name__", "") in _EXPANSIONS
-        scale = leading and (expands or any(id(leaves[i]) in self._scaled for i in recipes))
-        if scale:
-            self._scaled.add(id(output))
+    def _keep_recipe(self, func, leaves: list, spec, recipes: dict[int, Recipe], outputs: list[torch.Tensor]) -> None:
+        """Remember how each output of a parameter-only op (several for chunk, split, unbind) is
+        rebuilt from the parameters' values for a batch of any size: an expansion to the recorded
+        batch in dimension 0 (cls_token.expand(B, -1, -1)) becomes one to the new size, and so do
+        the sizes given to the shape ops after it (reshape, view) while their output keeps that
+        dimension. No other integer is touched: an exponent, or the permutation of a table whose
+        first size happens to equal the batch size, is not a batch size."""
+        name = getattr(func, "__name__", "")
+        from_batch = name in _EXPANSIONS or any(id(leaves[i]) in self._scaled for i in recipes)
+        for output in outputs:
+            if from_batch and output.dim() > 0 and output.shape[0] == self.batch:
+                self._scaled.add(id(output))
+        resize = from_batch and name in _SIZED and outputs[0].dim() > 0 and outputs[0].shape[0] == self.batch
         recorded_batch = self.batch
 
-        def recipe(values: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        def rebuilt(values: dict[str, torch.Tensor], batch: int) -> list[torch.Tensor]:
             args = [recipes[i](values, batch) if i in recipes else v for i, v in enumerate(leaves)]
-            if scale:
+            if resize:
                 args = _replace_batch_ints(args, recorded_batch, batch)
             a, k = tree_unflatten(args, spec)
-            return func(*a, **k)
+            return tensors(func(*a, **k))
 
-        self._recipes[id(output)] = recipe
+        for index, output in enumerate(outputs):
+            self._recipes[id(output)] = lambda values, batch, index=index: rebuilt(values, batch)[index]
 
     def crossing(self, tree: Any, where: str) -> Any:
         """`tree` (a submodule's inputs, or the module's output) with every parameter-derived tensor
@@ -107,7 +113,7 @@ class OpTapRecorder(TorchFunctionMode):
         found = False
         for i, leaf in enumerate(leaves):
             recipe = self._recipe(leaf)
-            if recipe is None:
+            if recipe is None or not leaf.is_floating_point():  # no gradient flows through an index or a mask
                 continue
             if leaf.dim() == 0 or leaf.shape[0] != self.batch:
                 raise RuntimeError(
@@ -137,8 +143,8 @@ class OpTapRecorder(TorchFunctionMode):
                 self.provenance.mark(outputs)
             return out
         if not batched:  # parameter-only: keep the recipe, to rebuild it per example
-            if len(outputs) == 1:
-                self._keep_recipe(func, leaves, spec, recipes, outputs[0])
+            if torch.is_grad_enabled() and getattr(func, "__name__", "") not in _NO_GRADIENT:
+                self._keep_recipe(func, leaves, spec, recipes, outputs)
             return out
         use = OpUse(args=(), kwargs={}, func=func, leaves=leaves, spec=spec, recipes=recipes, batched=batched,
                     values=self.values)

@@ -13,8 +13,8 @@ What changes under the Trainer's loop, and why:
   forward and backward pass; the Trainer's own gradient accumulation is set to 1 and its loop
   counts logical batches (steps, the learning-rate schedule and logging are per logical batch).
 - Each example's loss is its own: the mean over its own tokens (a causal LM's shifted labels, -100
-  ignored), or its cross-entropy (MSE for one regression output); the physical batch's loss is their
-  mean. The Trainer's loss, a mean over every token of the batch, would let one example's length
+  ignored), or its cross-entropy (MSE for one regression output, binary cross-entropy averaged over
+  the labels for float multi-label targets); the physical batch's loss is their mean. The Trainer's loss, a mean over every token of the batch, would let one example's length
   scale the others' gradients. Override `per_example_loss` for another loss.
 - The Trainer's gradient-norm clipping (TrainingArguments.max_grad_norm) is off: each example is
   clipped to `privacy_args.max_grad_norm` before the noise, which is what bounds its influence.
@@ -60,6 +60,10 @@ class PrivacyArguments:
     def __post_init__(self):
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("PrivacyArguments: give target_epsilon or noise_multiplier (exactly one)")
+        if self.clipping_mode in ("ghost", "mix-ghost"):
+            raise ValueError(f"PrivacyArguments: clipping_mode={self.clipping_mode!r} makes a second backward pass "
+                             "through its own criterion, which the Trainer's loop does not; take a one-pass mode "
+                             "(auto, bk, bk-mix-opt, ...), as fast and exact")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -67,6 +71,8 @@ def _is_causal_lm(model: nn.Module) -> bool:
     causal-LM classes (GPT2LMHeadModel, LlamaForCausalLM, ...), under a peft wrapper too."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    while hasattr(model, "_orig_mod") or type(model).__name__ == "DistributedDataParallel":  # compiled, DDP
+        model = getattr(model, "_orig_mod", None) or model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
     return type(base).__name__ in names or type(base).__name__.endswith("ForCausalLM")
@@ -98,7 +104,9 @@ class DPTrainer(Trainer):
             raise ValueError("DPTrainer needs TrainingArguments (args=): its batch size sets the logical batch")
         self.privacy_args = privacy_args
         self.logical_batch_size = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        private_args = dataclasses.replace(training_args, gradient_accumulation_steps=1, max_grad_norm=0.0)
+        # skipping the batches a resumed epoch had trained means nothing for fresh Poisson batches
+        private_args = dataclasses.replace(training_args, gradient_accumulation_steps=1, max_grad_norm=0.0,
+                                           ignore_data_skip=True)
         if "args" in kwargs:
             kwargs["args"] = private_args
         else:
@@ -154,8 +162,10 @@ class DPTrainer(Trainer):
         labels = inputs.pop("labels")
         logits = model(**inputs).logits
         if logits.dim() == 2:
-            if logits.shape[-1] == 1 and labels.is_floating_point():
-                return (logits.squeeze(-1) - labels).square()
+            if logits.shape[-1] == 1 and labels.is_floating_point():  # regression
+                return (logits.squeeze(-1) - labels.reshape(len(labels))).square()
+            if labels.is_floating_point() and labels.shape == logits.shape:  # multi-label
+                return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
             return F.cross_entropy(logits, labels, reduction="none")
         if _is_causal_lm(model):
             logits, labels = logits[:, :-1], labels[:, 1:]

@@ -17,21 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .products import requiring_grad
+
 
 @dataclass(eq=False)
 class Direction:
     """What one layer and direction of a recorded forward keeps, each (B, T, ...) batch first."""
 
-    suffix: str  # of its parameters' names: "_l0", "_l1_reverse"
     inputs: torch.Tensor  # (B, T, d): the layer's input sequence
     projection: torch.Tensor  # (B, T, G): W_ih x_t + b_ih, in the graph (its gradient is tapped)
     states: torch.Tensor  # (B, T, H): the state entering every step
     resets: torch.Tensor | None  # (B, T, H): a GRU's reset gate at every step
-
-
-def requiring_grad(t: torch.Tensor) -> torch.Tensor:
-    """`t`, made part of the autograd graph if it is not (its gradient is to be tapped)."""
-    return t if t.requires_grad else t + t.new_zeros((), requires_grad=True)
 
 
 def cell_mode(module: nn.RNNCellBase) -> str:
@@ -131,7 +127,7 @@ def unrolled_forward(module: nn.RNNBase, input, hx=None) -> tuple[object, list[D
             state = layer * directions + d
             out, h, c, states, resets = _direction(module.mode, zx, h0[state], None if c0 is None else c0[state],
                                                    getattr(module, f"weight_hh{suffix}"), bias("hh"), mask, d == 1)
-            kept.append(Direction(suffix, x.detach(), zx, states, resets))
+            kept.append(Direction(x.detach(), zx, states, resets))
             outputs.append(out)
             last_h.append(h)
             last_c.append(c)

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.records import Call
-from ._recurrence import requiring_grad
-from .products import LinearProducts, Product, tapped_grads
+from .products import LinearProducts, Product, requiring_grad, tapped_grads
 
 Fills = dict[str, tuple[str, int]]  # "weight"/"bias" -> (the parameter, its first row filled)
 

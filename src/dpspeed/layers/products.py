@@ -27,6 +27,11 @@ class Product:
     params: dict[str, tuple[str, int]]
 
 
+def requiring_grad(t: torch.Tensor) -> torch.Tensor:
+    """`t`, made part of the autograd graph if it is not (a product whose gradient is to be tapped)."""
+    return t if t.requires_grad else t + t.new_zeros((), requires_grad=True)
+
+
 def tapped_grads(call: Call) -> list[torch.Tensor]:
     """The call's output gradients, zeros for a tapped tensor that never reached the loss."""
     return [torch.zeros(shape, dtype=dtype, device=device) if g is None else g

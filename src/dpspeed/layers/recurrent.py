@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.records import Call
-from ._recurrence import cell_mode, gates, requiring_grad, unrolled_forward
-from .products import LinearProducts, Product, tapped_grads
+from ._recurrence import cell_mode, gates, unrolled_forward
+from .products import LinearProducts, Product, requiring_grad, tapped_grads
 
 _PARAM = re.compile(r"(weight|bias)_(ih|hh)(_l\d+(_reverse)?)?")
 
@@ -42,6 +42,7 @@ def _product(inputs: torch.Tensor, grad: torch.Tensor, suffix: str, kind: str, b
 
 class _Recurrent(LinearProducts):
     records_inside = True
+    params = ()  # the names follow a pattern: `declares`
 
     def declares(self, name: str) -> bool:
         return _PARAM.fullmatch(name) is not None
@@ -79,7 +80,8 @@ class CellRule(_Recurrent):
     a module called several times, summed over its calls)."""
 
     def record_forward(self, module: nn.RNNCellBase, args: tuple, kwargs: dict, tap) -> object:
-        x, hx = (*args, kwargs.get("hx"))[:2]
+        x = args[0] if args else kwargs["input"]
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
         if x.dim() != 2:
             raise ValueError(f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}: "
                              "DP training needs a batch dimension")

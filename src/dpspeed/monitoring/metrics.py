@@ -1,7 +1,9 @@
 """One logical step in numbers: epsilon spent, how many examples were clipped, the per-example
 gradient norms' quantiles and the noise's scale. Gathered only while a callback watches
 (`PrivacyEngine.on_step`): the norms stay on the device until the step ends, then one transfer.
-Under torchrun, the norms and counts are this rank's examples'."""
+Under torchrun, the norms and counts are this rank's examples'. The two-pass modes (ghost,
+mix-ghost) take their norms inside the criterion's second pass: there the examples, clipped
+fraction and quantiles are not measured (0 and None)."""
 
 from __future__ import annotations
 
