@@ -207,8 +207,9 @@ class PrivacyEngine:
         data_loader = _users_loader(a.data_loader)
         params = _checks.trainable_parameters(a.module, _ATTACHED)
         topology = Topology.of(params, a.process_group)
+        max_grad_norm = opacus.thresholds_in_model_order(opacus_options, a.max_grad_norm, a.optimizer, params)
         clipping = ClippingConfig.create(clipping_mode, clipping_style, a.clipping_fn, a.loss_reduction,
-                                         a.max_grad_norm, list(params), a.memory_budget)
+                                         max_grad_norm, list(params), a.memory_budget)
         _checks.check_arguments(module=a.module, optimizer=a.optimizer, data_loader=data_loader,
                                 criterion=a.criterion, noise_multiplier=a.noise_multiplier, clipping=clipping,
                                 topology=topology, max_physical_batch_size=a.max_physical_batch_size,

@@ -93,3 +93,17 @@ def test_make_private_on_the_loader_it_returned_uses_the_users_loader():
     again = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                          data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)[2]
     assert again.source is loader.source and again.batch_size == 16
+
+
+def test_per_layer_thresholds_follow_the_optimizers_parameter_order():
+    """Opacus lists them in the optimizer's order (weights, then biases, with a weight-decay split);
+    dpspeed's param-wise groups follow the model's: each threshold reaches its own parameter."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    weights, biases = [model[0].weight, model[2].weight], [model[0].bias, model[2].bias]
+    optimizer = torch.optim.SGD([{"params": weights, "weight_decay": 1e-4}, {"params": biases}], lr=0.1)
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8)
+    engine = PrivacyEngine()
+    engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                        max_grad_norm=[1.0, 2.0, 3.0, 4.0], clipping="per_layer")
+    thresholds = dict(zip((g[0] for g in engine.clipping.grouping.groups), engine.clipping.grouping.thresholds))
+    assert thresholds == {"0.weight": 1.0, "2.weight": 2.0, "0.bias": 3.0, "2.bias": 4.0}

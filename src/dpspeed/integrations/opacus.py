@@ -53,6 +53,23 @@ def translate(options: dict, clipping_mode: str, clipping_style) -> tuple[str, o
     return clipping_mode, clipping_style
 
 
+def thresholds_in_model_order(options: dict, max_grad_norm, optimizer, params: dict) -> object:
+    """Opacus's clipping="per_layer" gives one max_grad_norm per parameter in the optimizer's order
+    (its param_groups, e.g. weights then biases for a weight-decay split); dpspeed's param-wise
+    groups follow the model's parameters: the list, reordered to them. Anything else as it is."""
+    if options.get("clipping") != "per_layer" or not isinstance(max_grad_norm, (list, tuple)):
+        return max_grad_norm
+    ordered = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if len(ordered) != len(max_grad_norm):
+        raise ValueError(f"clipping='per_layer' takes one max_grad_norm per trainable parameter of the optimizer "
+                         f"({len(ordered)}), got {len(max_grad_norm)}")
+    by_parameter = {id(p): r for p, r in zip(ordered, max_grad_norm)}
+    missing = [n for n, p in params.items() if id(p) not in by_parameter]
+    if missing:
+        raise ValueError(f"clipping='per_layer': the optimizer does not hold the trainable parameters {missing}")
+    return [by_parameter[id(p)] for p in params.values()]
+
+
 class BatchMemoryManager(AbstractContextManager):
     """`with BatchMemoryManager(data_loader=loader, max_physical_batch_size=n, optimizer=opt) as
     loader:` the private loader yields physical batches of at most n examples while inside; the
