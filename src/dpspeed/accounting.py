@@ -35,6 +35,11 @@ def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_acco
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
 def extends(old: list[list], new: list[list]) -> bool:
     """Whether history `new` is `old` with steps added (to its last run, or as new runs)."""
     last = len(old) - 1
@@ -91,8 +96,7 @@ class Accountant:
         return sum(run[2] for run in self.history)
 
     def _composed(self, delta: float) -> dp_accounting.PrivacyAccountant:
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        _check_delta(delta)
         accountant = _fresh(self.kind)
         with _quiet_absl():  # the RDP orders' convergence warnings come while composing
             for sigma, rate, steps in self.history:
@@ -101,8 +105,7 @@ class Accountant:
 
     def get_epsilon(self, delta: float) -> float:
         if self.kind == "pld":
-            if not 0 < delta < 1:
-                raise ValueError(f"delta must be in (0, 1), got {delta}")
+            _check_delta(delta)
             if any(sigma == 0 and steps for sigma, _, steps in self.history):
                 return math.inf  # a step without noise protects nothing
             pld = self._pld.of(self.history)

@@ -48,6 +48,20 @@ def _batched_outputs(output, rows: int) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == rows]
 
 
+def _row_changes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest change from `a` to `b` (NaN left NaN is no change; NaN appearing is an
+    infinite one), in float64."""
+    a, b = a.double(), b.double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    change = torch.where(same, 0.0, (a - b).abs().nan_to_num(nan=float("inf")))
+    return change.reshape(len(change), -1).amax(1)
+
+
+def _magnitude(a: torch.Tensor) -> float:
+    """The largest finite absolute value of `a` (the scale a change is measured against)."""
+    return float(a.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+
+
 class _FirstInputs:
     """While entered: each call's first tensor input of the watched modules, in call order."""
 
@@ -80,10 +94,7 @@ def _check_row_layout(before: _FirstInputs, after: _FirstInputs, rows: int) -> N
             continue
         k = a.shape[0] // rows
         if a.is_floating_point():
-            same = (a == b) | (a.isnan() & b.isnan())
-            moved = torch.where(same, 0.0, (a - b).abs().double().nan_to_num(nan=float("inf")))
-            moved = moved.reshape(len(moved), -1).amax(1)
-            moved = moved > TOLERANCE * (float(a.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max()) + 1e-12)
+            moved = _row_changes(a, b) > TOLERANCE * (_magnitude(a) + 1e-12)
         else:  # token ids
             moved = (a != b).reshape(len(a), -1).any(1)
         if bool(moved[k:].any()):
@@ -121,10 +132,7 @@ def check_examples_independent(model: nn.Module, args: tuple, kwargs: dict, rows
         logger.warning("the model's output has no tensor with one row per example, so dpspeed could not check that "
                        "the examples of a batch do not interact; make sure they do not")
     for k, (a, b) in enumerate(zip(before, after)):
-        others_a, others_b = a[1:].double(), b[1:].double()
-        same = (others_a == others_b) | (others_a.isnan() & others_b.isnan())
-        change = float(torch.where(same, 0.0, (others_a - others_b).abs().nan_to_num(nan=float("inf"))).max())
-        scale = float(others_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+        change, scale = float(_row_changes(a[1:], b[1:]).max()), _magnitude(a[1:])
         if change > TOLERANCE * (scale + 1e-12):
             raise ValueError(
                 f"the model mixes the examples of a batch: changing example 0's inputs changed the output {k} of "

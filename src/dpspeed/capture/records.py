@@ -68,6 +68,11 @@ class Call:
         """The gradient of the module's single output (zeros if it never reached the loss)."""
         return self.output_grads[0]
 
+    def grads_or_zeros(self) -> list[torch.Tensor]:
+        """Every tapped output's gradient, zeros for one that never reached the loss."""
+        return [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                for g, (shape, dtype, device) in zip(self.output_grads, self.output_spec.shapes)]
+
 
 Recipe = Callable[[dict[str, torch.Tensor], int], torch.Tensor]  # (parameter values, batch) -> tensor
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.records import Call
-from .products import LinearProducts, Product, requiring_grad, tapped_grads
+from .products import LinearProducts, Product, requiring_grad
 
 Fills = dict[str, tuple[str, int]]  # "weight"/"bias" -> (the parameter, its first row filled)
 
@@ -123,4 +123,4 @@ class AttentionRule(LinearProducts):
 
     def products(self, module: nn.MultiheadAttention, call: Call) -> list[Product]:
         return [Product(Call((x,), {}, [g]), where)
-                for x, g, where in zip(call.args, tapped_grads(call), call.kwargs["fills"])]
+                for x, g, where in zip(call.args, call.grads_or_zeros(), call.kwargs["fills"])]

@@ -30,10 +30,7 @@ def per_example_pullback(
 ) -> dict[str, torch.Tensor]:
     """For every example (vmapped; each keeps a batch dimension of 1), the vector-Jacobian product of
     `outputs(params, example_inputs)` with that example's output gradients (zeros where none came)."""
-    grads = tuple(
-        torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-        for g, (shape, dtype, device) in zip(call.output_grads, call.output_spec.shapes)
-    )
+    grads = tuple(call.grads_or_zeros())
 
     def one_example(example_inputs: Any, example_grads: tuple) -> dict[str, torch.Tensor]:
         _, pullback = vjp(lambda p: outputs(p, example_inputs), params)

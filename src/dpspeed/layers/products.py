@@ -32,12 +32,6 @@ def requiring_grad(t: torch.Tensor) -> torch.Tensor:
     return t if t.requires_grad else t + t.new_zeros((), requires_grad=True)
 
 
-def tapped_grads(call: Call) -> list[torch.Tensor]:
-    """The call's output gradients, zeros for a tapped tensor that never reached the loss."""
-    return [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-            for g, (shape, dtype, device) in zip(call.output_grads, call.output_spec.shapes)]
-
-
 def _stacked(blocks: dict[str, list[tuple[int, torch.Tensor]]], dim: int) -> dict[str, torch.Tensor]:
     return {name: parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim)
             for name, parts in blocks.items()}

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..capture.records import Call
 from ._recurrence import cell_mode, gates, unrolled_forward
-from .products import LinearProducts, Product, requiring_grad, tapped_grads
+from .products import LinearProducts, Product, requiring_grad
 
 _PARAM = re.compile(r"(weight|bias)_(ih|hh)(_l\d+(_reverse)?)?")
 
@@ -68,7 +68,7 @@ class RecurrentRule(_Recurrent):
         suffixes = [f"_l{layer}" + ("_reverse" if d else "") for layer in range(module.num_layers)
                     for d in range(2 if module.bidirectional else 1)]
         products = []
-        for i, (suffix, dz) in enumerate(zip(suffixes, tapped_grads(call))):
+        for i, (suffix, dz) in enumerate(zip(suffixes, call.grads_or_zeros())):
             inputs, states, *resets = call.args[i * per_direction : (i + 1) * per_direction]
             hidden = _hidden_grad(module.mode, dz, resets[0] if resets else None)
             products += [_product(inputs, dz, suffix, "ih", module.bias), _product(states, hidden, suffix, "hh", module.bias)]
@@ -97,6 +97,6 @@ class CellRule(_Recurrent):
         return (h_new, c_new) if mode == "LSTM" else h_new
 
     def products(self, module: nn.RNNCellBase, call: Call) -> list[Product]:
-        dzx, dzh = tapped_grads(call)
+        dzx, dzh = call.grads_or_zeros()
         x, h = call.args
         return [_product(x, dzx, "", "ih", module.bias), _product(h, dzh, "", "hh", module.bias)]
