@@ -176,3 +176,31 @@ def test_a_loop_over_the_examples_of_a_batch_clips_each_on_its_own(zero_grad_fir
     optimizer.step()
     want = sum(x[i] / x[i].norm() for i in range(3))  # each example's gradient x_i, clipped to norm 1
     assert torch.allclose(model.weight.grad.flatten(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["auto", "per-example", "ghost", "mix-ghost", "bk", "bk-mix-ghost", "bk-mix-opt"])
+def test_zero_grad_between_forward_and_backward_keeps_the_batch(mode):
+    """Valid PyTorch (and Lightning's order): forward, zero_grad, backward, step. The batch was dropped
+    silently (a step of nothing); it must give what zero_grad before the forward gives."""
+
+    def step(zero_grad_between: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        data = DataLoader(TensorDataset(torch.randn(6, 3) * 10, torch.tensor([0, 1, 0, 1, 1, 0])), batch_size=6)
+        model, optimizer, criterion, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=data,
+            criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0, max_grad_norm=0.1, clipping_mode=mode,
+            poisson_sampling=False)
+        x, y = next(iter(loader))
+        if not zero_grad_between:
+            optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        if zero_grad_between:
+            optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    expected = step(zero_grad_between=False)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(step(zero_grad_between=True), expected)

@@ -190,10 +190,11 @@ class DPOptimizer(Optimizer):
                 self.privacy_state[2]()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients and unconsumed recordings; clipped sums of earlier
-        physical batches of the current logical batch are kept."""
+        """Clear the parameters' gradients and what backward passes recorded; a forward pass whose
+        backward is still to come (Lightning zeroes there), and the clipped sums of earlier physical
+        batches of the current logical batch, are kept."""
         self.original_optimizer.zero_grad(set_to_none)
-        self.controller.clear()
+        self.controller.clear(keep_forward=True)
 
     def discard_logical_batch(self) -> None:
         """Forget the clipped sums and recordings of the current logical batch (after a failed step)."""

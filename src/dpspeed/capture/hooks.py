@@ -385,8 +385,12 @@ class Controller:
         tapped, self._tapped = self._tapped, []
         return tapped
 
-    def clear(self) -> None:
-        """Forget the recordings (zero_grad); the physical batch's size stays known."""
+    def clear(self, keep_forward: bool = False) -> None:
+        """Forget the recordings; the physical batch's size stays known. `keep_forward` (zero_grad):
+        keep them while no gradient of this physical batch has arrived, since zero_grad between a
+        forward pass and its backward is valid PyTorch and must not drop the batch."""
+        if keep_forward and not self._gradients_arrived:
+            return
         self.recordings = []
         self._tapped = []
         self.new_physical_batch(self._batch_rows)
