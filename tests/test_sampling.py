@@ -148,3 +148,15 @@ def test_a_sampler_whose_examples_cannot_be_poisson_sampled_is_refused(sampler, 
     engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
                         noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
     engine.detach()
+
+
+def test_an_unseeded_sampler_saves_no_state():
+    """Lightning (and torch.distributed.checkpoint) save every loader with a state_dict: without a
+    seed, nothing in a checkpoint may let anyone regenerate which examples were drawn."""
+    model = torch.nn.Linear(1, 1)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(20, 1)), batch_size=5)
+    _, _, loader = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                data_loader=data, noise_multiplier=1.0, max_grad_norm=1.0)
+    next(iter(loader))
+    assert loader.state_dict() == {} and PoissonBatchSampler(20, 0.25).state_dict() == {}
+    assert "generator" in PoissonBatchSampler(20, 0.25, seed=3).state_dict()

@@ -63,14 +63,16 @@ def _warn_if_delta_is_large(delta: float, dataset_size: int) -> None:
 
 
 def _private_loader(data_loader: DataLoader, topology: Topology, seed: int | None, poisson_sampling: bool,
-                    max_physical_batch_size: int | None, fixed_physical_batch: bool, secure: bool) -> DPDataLoader:
+                    max_physical_batch_size: int | None, fixed_physical_batch: bool, secure: bool,
+                    reproducible: bool) -> DPDataLoader:
     """The user's loader made private: Poisson-sampled logical batches (each rank its shard of the
-    data set), split into physical batches; or the user's own batches when poisson_sampling=False."""
+    data set; their stream in the loader's state only for a `reproducible` run), split into physical
+    batches; or the user's own batches when poisson_sampling=False."""
     if poisson_sampling:  # over the indices the user's sampler ranges over, never others
         indices = population(data_loader)
         rate = data_loader.batch_size / len(indices)
         logical = PoissonBatchSampler(indices, rate, steps=len(data_loader), seed=seed, rank=topology.rank,
-                                      world_size=topology.world, secure=secure)
+                                      world_size=topology.world, secure=secure, reproducible=reproducible)
     else:
         logical = data_loader.batch_sampler
     private = DPDataLoader(data_loader.dataset, logical, batch_size=data_loader.batch_size,
@@ -216,7 +218,7 @@ class PrivacyEngine:
                                 fixed_physical_batch=a.fixed_physical_batch, poisson_sampling=a.poisson_sampling)
         seed, noise = self._random_sources(a.seed, a.noise_generator, topology)
         loader = _private_loader(data_loader, topology, seed, a.poisson_sampling, a.max_physical_batch_size,
-                                 a.fixed_physical_batch, self.secure_mode)
+                                 a.fixed_physical_batch, self.secure_mode, self._reproducible)
         dp_optimizer = DPOptimizer(a.optimizer, Controller(a.module, params, param_grads=clipping.two_pass), clipping,
                                    noise, a.noise_multiplier, float(data_loader.batch_size), topology)
         controller = _wire(dp_optimizer, loader)

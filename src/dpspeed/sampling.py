@@ -62,16 +62,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     An epoch has `steps` batches (make_private passes the user's loader's length, ceil(N /
     batch_size); round(1 / sample_rate) without it); some may be empty. The RNG state is part of
-    `state_dict`, so a run resumed from it draws the batches it would have drawn (the engine saves
-    it for runs given `seed=` only; others draw fresh batches). Across processes, each
+    `state_dict` of a reproducible sampler (given a `seed`), so a run resumed from it draws the batches it would have
+    drawn; without one the state is empty, so that no checkpoint (Lightning saves every loader that
+    has a state_dict) lets anyone regenerate which examples were drawn. Across processes, each
     rank samples its own shard (the indices at positions rank, rank + world, ... of the sorted
     population) at the same rate, so the union of the ranks' batches is a Poisson sample of the
     whole population.
     """
 
     def __init__(self, indices: int | torch.Tensor, sample_rate: float, steps: int | None = None,
-                 seed: int | None = None, rank: int = 0, world_size: int = 1, secure: bool = False):
-        """`indices`: the indices to sample from (an int n: all of range(n))."""
+                 seed: int | None = None, rank: int = 0, world_size: int = 1, secure: bool = False,
+                 reproducible: bool | None = None):
+        """`indices`: the indices to sample from (an int n: all of range(n)); `reproducible`: whether
+        the state is saved (default: when a seed is given; never in secure mode)."""
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         indices = torch.arange(indices) if isinstance(indices, int) else torch.as_tensor(indices, dtype=torch.long)
@@ -82,6 +85,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         #: secure_mode: each batch from a secure stream, rekeyed from the operating system; no state
         self.secure = SecureStream(lambda: secrets.token_bytes(32)) if secure else None
         self.generator = None if secure else seeded_generator(sampling_seed(seed, rank))  # ranks draw independently
+        self.reproducible = (seed is not None if reproducible is None else reproducible) and not secure
 
     def __len__(self) -> int:
         return self.steps
@@ -96,7 +100,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield self.shard[draws < self.sample_rate].tolist()
 
     def state_dict(self) -> dict:
-        return {} if self.secure is not None else {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state()} if self.reproducible else {}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
