@@ -20,6 +20,7 @@ EXAMPLES = {  # script: (launcher, arguments, what its output must contain, libr
                           ["transformers", "peft"]),
     "torchrun_data_parallel.py": (TORCHRUN, ["--epochs", "1"], "over 2 processes", []),
     "fsdp2.py": (TORCHRUN, ["--epochs", "1"], "weights sharded over 2", []),
+    "lightning_digits.py": (PYTHON, ["--epochs", "1"], "val accuracy", ["lightning", "sklearn"]),
 }
 
 

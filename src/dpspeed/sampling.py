@@ -233,6 +233,22 @@ class DPDataLoader:
         otherwise), whether it is the first of a new pass over the loader, and its rows."""
         self._on_physical_batch.append(callback)
 
+    def defer_announcements(self) -> Callable[[], None]:
+        """Hold each physical batch's announcement until the returned function is called, once per
+        batch and in order: for a loop that fetches batches ahead of the step it trains them in
+        (Lightning prefetches one), which would otherwise announce a batch before the last was stepped."""
+        listeners, pending = list(self._on_physical_batch), deque()
+        self._on_physical_batch[:] = [lambda *announcement: pending.append(announcement)]
+
+        def announce_next() -> None:
+            if not pending:
+                raise RuntimeError("a training step on a batch dpspeed's loader did not yield")
+            announcement = pending.popleft()
+            for callback in listeners:
+                callback(*announcement)
+
+        return announce_next
+
     def __len__(self) -> int:
         return len(self.logical_batches)
 

@@ -1,0 +1,210 @@
+"""DP training with Lightning: add `DPCallback` to the Trainer's callbacks; the LightningModule,
+its training_step and configure_optimizers stay as they are.
+
+    dp = DPCallback(target_epsilon=8.0, max_grad_norm=1.0)
+    trainer = lightning.Trainer(max_epochs=3, callbacks=[dp])
+    trainer.fit(model, train_loader); dp.get_epsilon()
+
+What changes under Lightning's loop, and why:
+- When Lightning sets up the training loader, make_private attaches to the module that holds every
+  trainable parameter: the smallest one (`self.net` when training_step calls `self.net(x)`, the
+  LightningModule itself when they are spread over several children; then training_step must
+  call `self(x)`). `module="name"` picks another. The loss may be a mean or a sum over the batch,
+  as long as each example's loss is its own.
+- The training loader becomes dpspeed's Poisson loader over the same examples: each batch is a
+  logical batch, of your loader's batch_size on average; with `max_physical_batch_size` it comes
+  in parts, and Lightning's steps then count parts while the optimizer steps once per logical
+  batch (per-step LR schedules advance per part). `target_epsilon` is calibrated for
+  Trainer(max_steps=) logical batches when given, else for max_epochs epochs.
+- The optimizer of configure_optimizers is wrapped: each step clips every example to
+  `max_grad_norm`, adds the noise once and steps. "epsilon" is logged every log_every_n_steps
+  logical steps; the callback's state in a checkpoint carries the accountant (and, for a `seed=`
+  run, the random streams), so a fit resumed with ckpt_path= continues epsilon where it stopped.
+
+Refused, each with its reason: several processes (run dpspeed under torchrun without Lightning),
+manual optimization, more than one optimizer, accumulate_grad_batches > 1 (use
+max_physical_batch_size), gradient_clip_val (the per-example clipping replaces it), 16-bit
+mixed precision (its loss scaler scales every example's gradient; bf16-mixed needs none), and
+reloading the training loader during the fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import lightning.pytorch as pl
+from torch import nn
+
+from ..engine import PrivacyEngine
+from ..sampling import DPDataLoader, population_size
+
+logger = logging.getLogger(__name__)
+
+
+def smallest_holder(module: nn.Module) -> str:
+    """The name of the deepest submodule of `module` that holds all of its trainable parameters
+    ("" for `module` itself)."""
+    owners = [name.split(".")[:-1] for name, p in module.named_parameters() if p.requires_grad]
+    if not owners:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters")
+    return ".".join(os.path.commonprefix(owners))
+
+
+class _PrivateBatches:
+    """What Lightning iterates: dpspeed's private loader, its length (the logical batches of an
+    epoch) only when every batch is a whole logical batch."""
+
+    def __init__(self, loader: DPDataLoader, whole_logical_batches: bool):
+        self.loader, self.whole = loader, whole_logical_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        if not self.whole:
+            raise TypeError("logical batches come in a random number of parts")
+        return len(self.loader)
+
+
+class DPCallback(pl.Callback):
+    """Makes the LightningModule's training private (module docstring). Give `target_epsilon` or
+    `noise_multiplier`; `target_delta` defaults to 1 / N^1.1 for N training examples. Other
+    make_private arguments (clipping_fn, fixed_physical_batch, memory_budget, max_epsilon with
+    delta, ...) pass through `options`."""
+
+    def __init__(self, *, max_grad_norm: float = 1.0, noise_multiplier: float | None = None,
+                 target_epsilon: float | None = None, target_delta: float | None = None, module: str | None = None,
+                 clipping_mode: str = "auto", clipping_style: Any = "all-layer",
+                 max_physical_batch_size: int | None = None, accountant: str = "pld", seed: int | None = None,
+                 **options: Any):
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise ValueError("DPCallback: give target_epsilon or noise_multiplier (exactly one)")
+        if clipping_mode in ("ghost", "mix-ghost"):
+            raise ValueError(f"DPCallback: clipping_mode={clipping_mode!r} makes a second backward pass through its "
+                             "own criterion, which Lightning's loop does not; take a one-pass mode (auto, bk, ...)")
+        self.engine = PrivacyEngine(accountant=accountant)
+        self.target_epsilon, self.target_delta, self.module_name = target_epsilon, target_delta, module
+        self.options = dict(max_grad_norm=max_grad_norm, clipping_mode=clipping_mode, clipping_style=clipping_style,
+                            max_physical_batch_size=max_physical_batch_size, seed=seed, **options)
+        if noise_multiplier is not None:
+            self.options["noise_multiplier"] = noise_multiplier
+        self._announce_next: Callable[[], None] | None = None
+        self._saved_state: dict | None = None
+        self._restore_strategy: Callable[[], None] | None = None
+        self._examples = 0
+
+    @property
+    def delta(self) -> float:
+        return self.target_delta or 1.0 / self._examples ** 1.1
+
+    def get_epsilon(self, delta: float | None = None) -> float:
+        return self.engine.get_epsilon(delta or self.delta)
+
+    # ------------------------------------------------------------------------------- set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _refuse_unsupported(trainer, pl_module)
+        strategy = trainer.strategy
+        process = strategy.process_dataloader
+
+        def process_dataloader(dataloader: object) -> object:
+            dataloader = process(dataloader)
+            return self._make_private(trainer, pl_module, dataloader) if trainer.training else dataloader
+
+        strategy.process_dataloader = process_dataloader
+        self._restore_strategy = lambda: vars(strategy).pop("process_dataloader", None)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._restore_strategy is not None:
+            self._restore_strategy()
+            self._restore_strategy = None
+
+    def _make_private(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: Any) -> _PrivateBatches:
+        """make_private on the module, the optimizer and this training loader; Lightning steps the
+        returned optimizer and iterates the returned batches."""
+        if self.engine.optimizer is not None:
+            raise RuntimeError("DPCallback: the training loader was loaded again (reload_dataloaders_every_n_epochs); "
+                               "dpspeed samples from the loader it was given once")
+        if len(trainer.strategy.optimizers) != 1:
+            raise ValueError(f"DPCallback: configure_optimizers returned {len(trainer.strategy.optimizers)} "
+                             "optimizers; dpspeed wraps exactly one")
+        self._examples = population_size(dataloader)
+        name = smallest_holder(pl_module) if self.module_name is None else self.module_name
+        module = pl_module.get_submodule(name)
+        options = dict(module=module, optimizer=trainer.strategy.optimizers[0], data_loader=dataloader, **self.options)
+        if self.target_epsilon is None:
+            _, optimizer, loader = self.engine.make_private(**options)
+        else:
+            _, optimizer, loader = self.engine.make_private_with_epsilon(
+                target_epsilon=self.target_epsilon, target_delta=self.delta,
+                **_horizon(trainer), **options)
+        if self._saved_state is not None:
+            self.engine.load_state_dict(self._saved_state)
+        trainer.strategy.optimizers = [optimizer]
+        self._announce_next = loader.defer_announcements()  # Lightning fetches a batch ahead of its step
+        logger.info("DPCallback: private training of %s ('%s'), noise multiplier %.4g", type(module).__name__,
+                    name or "<root>", optimizer.noise_multiplier)
+        return _PrivateBatches(loader, self.options["max_physical_batch_size"] is None)
+
+    # ------------------------------------------------------------------------------- the loop
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._announce_next()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if not self.engine.controller.recordings:
+            name = type(self.engine.controller.model).__name__
+            raise RuntimeError(
+                f"DPCallback: training_step did not call the module dpspeed is attached to ({name}, the smallest "
+                "holding every trainable parameter), so no example's gradient can be clipped. Call it in "
+                "training_step (self(x) when that is the LightningModule), or name the submodule it calls with "
+                "DPCallback(module=...)"
+            )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        optimizer = self.engine.optimizer
+        steps = optimizer.logical_steps
+        if optimizer.is_last_physical_batch and steps % trainer.log_every_n_steps == 0 and self.engine.accountant.steps:
+            pl_module.log("epsilon", self.get_epsilon(), on_step=True, on_epoch=False, prog_bar=True)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict()} if self.engine.optimizer is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Kept until make_private (the training loader's set-up), which Lightning runs after restoring."""
+        self._saved_state = state_dict.get("engine")
+
+
+def _horizon(trainer: pl.Trainer) -> dict:
+    """The steps (Trainer(max_steps=)) or epochs the noise is calibrated for."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return {"steps": trainer.max_steps}
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        raise ValueError("DPCallback: target_epsilon needs Trainer(max_epochs=) or max_steps= to calibrate the noise")
+    return {"epochs": trainer.max_epochs}
+
+
+def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """What the callback cannot make private, said before anything is attached."""
+    reasons = []
+    if trainer.world_size > 1:
+        reasons.append(f"{trainer.world_size} processes: run dpspeed under torchrun without Lightning")
+    if not pl_module.automatic_optimization:
+        reasons.append("manual optimization: dpspeed steps the optimizer once per physical batch itself")
+    if trainer.accumulate_grad_batches != 1:
+        reasons.append("accumulate_grad_batches > 1: give DPCallback(max_physical_batch_size=) instead")
+    if trainer.gradient_clip_val:
+        reasons.append("gradient_clip_val: each example is clipped to max_grad_norm; the batch's clipping goes")
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        reasons.append(f"precision={trainer.precision!r}: its loss scaler scales every example's gradient; "
+                       "train in bf16-mixed or 32-true")
+    if reasons:
+        raise ValueError("DPCallback cannot make this fit private: " + "; ".join(reasons))
+
+
+__all__ = ["DPCallback", "smallest_holder"]
