@@ -197,3 +197,11 @@ def test_bf16_mixed_precision_trains():
     assert callback.engine.accountant.steps == 4
     assert all(torch.isfinite(p).all() for p in trained.parameters())
     assert not torch.equal(trained.net[0].weight, Classifier().net[0].weight)
+
+
+def test_a_callback_makes_one_fit_private():
+    callback = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3)
+    _fit(callback, max_epochs=1)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="new DPCallback for each fit"):
+        warnings.simplefilter("ignore")
+        _trainer(callback, max_epochs=1).fit(Classifier(), DataLoader(DATA, batch_size=12))

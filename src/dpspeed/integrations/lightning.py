@@ -126,8 +126,9 @@ class DPCallback(pl.Callback):
         """make_private on the module, the optimizer and this training loader; Lightning steps the
         returned optimizer and iterates the returned batches."""
         if self.engine.optimizer is not None:
-            raise RuntimeError("DPCallback: the training loader was loaded again (reload_dataloaders_every_n_epochs); "
-                               "dpspeed samples from the loader it was given once")
+            raise RuntimeError("DPCallback: the training loader was set up a second time (a second fit with this "
+                               "callback, or reload_dataloaders_every_n_epochs); use a new DPCallback for each fit "
+                               "(ckpt_path= resumes the accountant), and load the training data once")
         if len(trainer.strategy.optimizers) != 1:
             raise ValueError(f"DPCallback: configure_optimizers returned {len(trainer.strategy.optimizers)} "
                              "optimizers; dpspeed wraps exactly one")
