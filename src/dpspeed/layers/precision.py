@@ -142,8 +142,11 @@ def accumulated_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def accumulated_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y for matrices, as `accumulated_bmm`."""
-    return accumulated_bmm(x.unsqueeze(0), y.unsqueeze(0))[0]
+    """x @ y for matrices, as `accumulated_bmm`. Where no 16-bit tensor-core product is taken, a
+    plain mm: it reads a transposed operand in place, where a CPU bmm copies it first."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return accumulated_bmm(x.unsqueeze(0), y.unsqueeze(0))[0]
+    return torch.mm(to_acc(x), to_acc(y))
 
 
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
