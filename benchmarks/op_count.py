@@ -8,6 +8,9 @@ The model is ViT-base's 12 blocks at width 32 (as benchmarks/host_overhead.py): 
 per-layer operations is ViT-base's, while the noise, drawn in chunks of a fixed number of
 coordinates (many more on the CPU than on a GPU), stays a few dozen operations as on a GPU.
 The issue's figure: a bk step issues at most 1.5x the operations of a non-private one.
+Counted on the CPU, the ghost norms' Gram operands are not padded to 8 positions as on a GPU
+(layers/_gram.py): a GPU's bk step issues about one more operation per Gram matrix (~100 on
+ViT-base) than this count.
 """
 
 from __future__ import annotations
