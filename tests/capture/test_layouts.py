@@ -142,3 +142,25 @@ class _KeywordCell(nn.Module):
 
     def forward(self, x):
         return self.cell(input=x, hx=None)[0]
+
+
+class OwnCodeTiedLM(nn.Module):
+    """The output projection is the embedding's weight, used in the model's own code."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        self.embed, self.mix, self.transposed = nn.Embedding(11, 6), nn.Linear(6, 6), transposed
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.embed(tokens)))
+        return (h @ self.embed.weight.T if self.transposed else F.linear(h, self.embed.weight)).mean(1)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_a_weight_tied_between_a_child_and_the_models_own_code_counts_each_use_once(transposed):
+    """The replay of the model's own code differentiated the embedding's lookup too, which the
+    embedding's rule had already counted (relative error 0.17 to 0.7)."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (4, 5))
+    check_losses(OwnCodeTiedLM(transposed), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                 (tokens, torch.randint(0, 11, (4,))))

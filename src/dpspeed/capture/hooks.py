@@ -61,6 +61,15 @@ def _broadcaster(args: tuple, kwargs: dict, batch: int):
     return expand
 
 
+def _bound_inside(binding: Binding, bindings: list[Binding]) -> list[tuple[nn.Module, str]]:
+    """The uses of `binding`'s parameters by modules inside its module with a binding of their own
+    (a tied embedding's lookup), as (that module, its name for the parameter)."""
+    inside = {id(m) for m in binding.module.modules()} - {id(binding.module)}
+    mine = set(binding.params.values())
+    return [(other.module, local) for other in bindings if other is not binding and id(other.module) in inside
+            for local, name in other.params.items() if name in mine]
+
+
 class Controller:
     """Hooks on a model that record what the clipping needs; the model object is never replaced.
 
@@ -147,6 +156,8 @@ class Controller:
                     "layer inside it cannot be replayed so. Use those parameters through a module of their own (an "
                     "nn.Linear head instead of F.linear(x, embed.weight)), or register a rule for it"
                 )
+            if isinstance(b.rule, FunctionalRule):
+                b.rule.bound_inside = _bound_inside(b, bindings)
             if isinstance(b.rule, ParameterOpRule):
                 taps = OpTaps(b, lambda use, leaves, b=b: self._on_op_use(b, use, leaves), self._recording, sharded)
                 self._binding_hooks += taps.install()

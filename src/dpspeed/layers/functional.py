@@ -50,11 +50,37 @@ def per_example_pullback(
             raise
 
 
+@contextlib.contextmanager
+def constant_inside(uses: list[tuple[nn.Module, str]]):
+    """While each (child, name) runs its forward, its parameter `name` is detached: a replay then
+    differentiates only the uses outside those children (a tied weight's other uses are theirs)."""
+    handles = []
+    for child, name in uses:
+        swapped = {}
+
+        def detach(module: nn.Module, args, name=name, swapped=swapped) -> None:
+            swapped[name] = module._parameters[name]
+            module._parameters[name] = swapped[name].detach()
+
+        def restore(module: nn.Module, args, output, name=name, swapped=swapped) -> None:
+            module._parameters[name] = swapped.pop(name)
+
+        handles += [child.register_forward_pre_hook(detach), child.register_forward_hook(restore, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class FunctionalRule(LayerRule):
-    """Handles the given parameters of a module (its own, or of children it uses directly)."""
+    """Handles the given parameters of a module (its own, or of children it uses directly). Uses of
+    them by children bound to a rule of their own (`bound_inside`: (child, its name for it)) are
+    those rules' to differentiate: the replay holds them constant there, counting each use once."""
 
     def __init__(self, pause_recording: Callable):
         self.pause_recording = pause_recording
+        self.bound_inside: list[tuple[nn.Module, str]] = []
 
     def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         batch = call.batch_size
@@ -65,7 +91,8 @@ class FunctionalRule(LayerRule):
 
         def outputs(p: dict[str, torch.Tensor], example_inputs: list) -> tuple:
             args, kwargs = tree_unflatten(example_inputs, spec)
-            out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
+            with constant_inside(self.bound_inside):
+                out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
             return tuple(out_leaves[i] for i in indices)
 
         params = {n: module.get_parameter(n).detach() for n in names}
