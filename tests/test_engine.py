@@ -578,3 +578,24 @@ def test_a_checkpoint_resumes_a_seeded_run_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, model2.parameters()))
     assert engine2.accountant.steps == engine.accountant.steps == 8
     assert engine2.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+
+
+def test_a_model_compiled_before_make_private_trains_as_the_uncompiled_one():
+    """make_private(module=torch.compile(model)): the hooks go on the model the wrapper runs, and
+    the wrapper comes back as it was given (it crashed inside dynamo)."""
+
+    def train(compile_first: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        given = torch.compile(model, backend="eager") if compile_first else model
+        data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))), batch_size=8)
+        _, (m, opt, loader) = _private(given, data_loader=data, seed=5, max_grad_norm=0.1)
+        assert m is given
+        for x, y in loader:
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for compiled, plain in zip(train(True), train(False), strict=True):
+        torch.testing.assert_close(compiled, plain)

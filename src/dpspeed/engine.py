@@ -89,6 +89,12 @@ def _users_loader(data_loader):
     return data_loader.source if isinstance(data_loader, DPDataLoader) and data_loader.source is not None else data_loader
 
 
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The model a torch.compile wrapper runs: dpspeed's hooks go on it, and the wrapper, returned
+    as it was given, compiles its forward with them (they run outside the graph)."""
+    return getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+
+
 def _wire(optimizer: DPOptimizer, loader: DPDataLoader) -> Controller:
     """Connect the stages: the loader tells the optimizer of each physical batch, the controller
     tells the clipping config the order of first use and (one-pass modes) early release of each
@@ -207,6 +213,7 @@ class PrivacyEngine:
         clipping_mode, clipping_style = opacus.translate(opacus_options, a.clipping_mode, a.clipping_style)
         guard = self._budget(a.max_epsilon, a.delta, a.poisson_sampling)
         data_loader = _users_loader(a.data_loader)
+        given, a.module = a.module, _uncompiled(a.module)
         params = _checks.trainable_parameters(a.module, _ATTACHED)
         topology = Topology.of(params, a.process_group)
         max_grad_norm = opacus.thresholds_in_model_order(opacus_options, a.max_grad_norm, a.optimizer, params)
@@ -233,8 +240,8 @@ class PrivacyEngine:
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
                     len(params), len(clipping.grouping.groups), a.noise_multiplier, self.sample_rate, clipping_mode)
         if a.criterion is None:
-            return a.module, dp_optimizer, loader
-        return a.module, dp_optimizer, DPLoss(a.criterion, dp_optimizer) if clipping.two_pass else a.criterion, loader
+            return given, dp_optimizer, loader
+        return given, dp_optimizer, DPLoss(a.criterion, dp_optimizer) if clipping.two_pass else a.criterion, loader
 
     def _remember(self, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, dp_optimizer: DPOptimizer,
                   loader: DPDataLoader, poisson_sampling: bool) -> None:
