@@ -599,3 +599,54 @@ def test_a_model_compiled_before_make_private_trains_as_the_uncompiled_one():
 
     for compiled, plain in zip(train(True), train(False), strict=True):
         torch.testing.assert_close(compiled, plain)
+
+
+class _EveryKindOfHook(nn.Module):
+    """A layer rule's tap (Linear), a recurrent layer's routed forward (GRU) and the op taps of a
+    bare parameter used in the model's own code (scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head, self.scale = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2), nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1]) * self.scale
+
+
+def test_a_copy_of_a_private_model_is_a_plain_model(tmp_path):
+    """An EMA copy, or a copy fine-tuned without DP: its passes must not record into the private
+    model, toggle its parameters or crash (a deep copy's hooks did, bound to a copy of the
+    controller); a pickled model loads as a plain one too."""
+    x, y = torch.randn(8, 5, 3), torch.randint(0, 2, (8,))
+
+    def private_step(copies: str) -> tuple[list, list]:
+        torch.manual_seed(0)
+        model = _EveryKindOfHook()
+        plain = copy.deepcopy(model)
+        _, (m, opt, loader) = _private(model, data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+                                       noise_multiplier=0.0, max_grad_norm=0.1, poisson_sampling=False)
+        xb, yb = next(iter(loader))
+        loss = nn.functional.cross_entropy(m(xb), yb)  # the private model's pass is under way
+        copied = {"deep": lambda: copy.deepcopy(m), "pickled": lambda: _pickled(m, tmp_path)}.get(copies)
+        copy_grads = []
+        if copied is not None:
+            other = copied()
+            nn.functional.cross_entropy(other(x), y).backward()
+            nn.functional.cross_entropy(plain(x), y).backward()
+            copy_grads = [(p.grad, q.grad) for p, q in zip(other.parameters(), plain.parameters(), strict=True)]
+        loss.backward()
+        opt.step()
+        return [p.grad.clone() for p in m.parameters()], copy_grads
+
+    alone, _ = private_step("none")
+    for copies in ("deep", "pickled"):
+        private, copy_grads = private_step(copies)
+        for got, want in copy_grads:
+            torch.testing.assert_close(got, want)
+        for got, want in zip(private, alone, strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def _pickled(model: nn.Module, tmp_path) -> nn.Module:
+    torch.save(model, tmp_path / "model.pt")
+    return torch.load(tmp_path / "model.pt", weights_only=False)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..layers.functional import FunctionalRule
+from .copies import PrivateHook
 from ..layers.param_ops import ParameterOpRule
 from ..layers.rule import LayerRule
 from ..parallel.fsdp import is_sharded
@@ -114,8 +115,8 @@ class Controller:
                                if b.module is self.model and b.rule.records_inside]
         self._root_hooks = [
             # first: under fully_shard, parameters stop requiring gradients before they are gathered
-            self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True),
-            self.model.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True),
+            self.model.register_forward_pre_hook(PrivateHook(self._root_pre_hook), with_kwargs=True, prepend=True),
+            self.model.register_forward_hook(PrivateHook(self._root_post_hook), with_kwargs=True, always_call=True),
         ]
 
     def detach(self) -> None:
@@ -166,7 +167,7 @@ class Controller:
             elif b.rule.records_inside:
                 self._binding_hooks.append(OwnForward(b.module, self._make_recorded_forward(b)))
             else:
-                self._binding_hooks.append(b.module.register_forward_hook(self._make_tap(b), with_kwargs=True))
+                self._binding_hooks.append(b.module.register_forward_hook(PrivateHook(self._make_tap(b)), with_kwargs=True))
 
     @contextlib.contextmanager
     def paused(self):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .copies import PrivateHook
 from .provenance import BatchProvenance, tensors
 from .records import Binding, OpUse, Recipe
 
@@ -170,15 +171,17 @@ class OpTaps:
         """Register the hooks; returns their handles."""
         module = self.binding.module
         hooks = [
-            module.register_forward_pre_hook(self.enter, with_kwargs=True),
-            module.register_forward_hook(self.leave, with_kwargs=True, always_call=True),
+            module.register_forward_pre_hook(PrivateHook(self.enter), with_kwargs=True),
+            module.register_forward_hook(PrivateHook(self.leave), with_kwargs=True, always_call=True),
         ]
         if self.binding.own_code_only:
             # every submodule, not only children: a parent may call its grandchildren (for layer in self.blocks)
             for child in list(module.modules())[1:]:
                 # first: a fully_shard submodule gathers its weights in its own pre-hook, unwatched
-                hooks.append(child.register_forward_pre_hook(self.child_enter, with_kwargs=True, prepend=True))
-                hooks.append(child.register_forward_hook(self.child_leave, with_kwargs=True, always_call=True))
+                hooks.append(child.register_forward_pre_hook(PrivateHook(self.child_enter), with_kwargs=True,
+                                                             prepend=True))
+                hooks.append(child.register_forward_hook(PrivateHook(self.child_leave), with_kwargs=True,
+                                                         always_call=True))
         return hooks
 
     @torch.compiler.disable  # hooks record with Python side effects: keep them out of compiled graphs
