@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels import ghost_norm as fused
-from .precision import accumulated_bmm, accumulated_mm, exact_float32_matmuls, factors_in, gram_error, to_acc
+from .precision import (accumulated_bmm, accumulated_mm, exact_float32_matmuls, factors_in, gram_error,
+                        product_operand, to_acc)
 
 
 def aligned_positions(t: torch.Tensor) -> torch.Tensor:
@@ -21,7 +22,7 @@ def aligned_positions(t: torch.Tensor) -> torch.Tensor:
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x_i x_i^T for x (B, T, k), in float32 (float64 for float64): 16-bit operands multiply
     exactly into float32 on the tensor cores; float32 ones without TF32."""
-    x = aligned_positions(x)
+    x = product_operand(aligned_positions(x))
     with exact_float32_matmuls():
         return accumulated_bmm(x, x.transpose(1, 2))
 

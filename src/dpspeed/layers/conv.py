@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import ghost_sq_norm, spread
+from ._gram import ghost_sq_norm_and_spread, spread
 from .precision import (accumulated_bmm, accumulation_roundoff, compute_dtype, factors_in, product_roundoff, to_acc,
                         weighted_sum)
 from .rule import LayerRule
@@ -74,7 +74,9 @@ class ConvRule(LayerRule):
         if "weight" in names:
             flat_a = a.transpose(2, 3).reshape(batch * groups, a.shape[3], a.shape[2])
             flat_g = g.transpose(2, 3).reshape(batch * groups, g.shape[3], g.shape[2])
-            out["weight"] = ghost_sq_norm(flat_a, flat_g).reshape(batch, groups).sum(1)
+            sq_norms, per_group = ghost_sq_norm_and_spread(flat_a, flat_g)
+            out["weight"] = sq_norms.reshape(batch, groups).sum(1)
+            call.cache["spread"] = per_group.reshape(batch, groups).norm(dim=1)  # sum_rounding's, as there
         if "bias" in names:
             out["bias"] = to_acc(g.sum(-1)).square().sum((1, 2))
         return out
@@ -99,12 +101,16 @@ class ConvRule(LayerRule):
         blocks of the weight)."""
         if "weight" not in names:
             return {}
-        a, g = self._operands(module, call)
-        batch, groups = g.shape[:2]
-        per_group = spread(a.transpose(2, 3).reshape(batch * groups, a.shape[3], a.shape[2]),
-                           g.transpose(2, 3).reshape(batch * groups, g.shape[3], g.shape[2]))
+        g = grouped_grad(module, call.grad())  # the dtype the products are taken in
         rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, g.shape[3])
-        return {"weight": rounding * per_group.reshape(batch, groups).norm(dim=1)}
+        spread_of = call.cache.get("spread")  # the ghost norm's, from its Grams' diagonals
+        if spread_of is None:
+            a, g = self._operands(module, call)
+            batch, groups = g.shape[:2]
+            per_group = spread(a.transpose(2, 3).reshape(batch * groups, a.shape[3], a.shape[2]),
+                               g.transpose(2, 3).reshape(batch * groups, g.shape[3], g.shape[2]))
+            spread_of = per_group.reshape(batch, groups).norm(dim=1)
+        return {"weight": rounding * spread_of}
 
     def costs(self, module: ConvNd, call: Call) -> tuple[float, float]:
         g = call.grad()

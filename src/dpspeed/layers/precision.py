@@ -129,11 +129,23 @@ def factors_in(dtype: torch.dtype, factors: torch.Tensor) -> torch.Tensor:
     return _cast_factors[key]
 
 
+def _tensor_core_product(x: torch.Tensor) -> bool:
+    """Whether products of x are taken in its 16-bit dtype with float32 accumulation (a GPU)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def product_operand(x: torch.Tensor) -> torch.Tensor:
+    """x as `accumulated_bmm` multiplies it: as it is on a GPU's tensor cores, otherwise in its
+    accumulation dtype; cast once here, a Gram matrix's two operands (x and its transpose) are not
+    cast each."""
+    return x if _tensor_core_product(x) else to_acc(x)
+
+
 def accumulated_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x @ y (batched), accumulated and returned in float32 (float64 for float64): 16-bit operands
     stay 16-bit on the tensor cores, but the result is not rounded back to 16 bits, which would
     let one example move the rounding of everyone's sum."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if _tensor_core_product(x):
         try:
             return torch.bmm(x, y, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # a torch without out_dtype: the float32 copies below
@@ -144,7 +156,7 @@ def accumulated_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def accumulated_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x @ y for matrices, as `accumulated_bmm`. Where no 16-bit tensor-core product is taken, a
     plain mm: it reads a transposed operand in place, where a CPU bmm copies it first."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if _tensor_core_product(x):
         return accumulated_bmm(x.unsqueeze(0), y.unsqueeze(0))[0]
     return torch.mm(to_acc(x), to_acc(y))
 
