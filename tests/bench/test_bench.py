@@ -321,6 +321,52 @@ def test_interrupted_bench_keeps_what_was_measured(tmp_path, monkeypatch):
     assert {r["setup"] for r in stored["throughput"]} == {"non-private"}
 
 
+def test_a_resumed_bench_measures_only_what_the_cut_off_run_did_not(tmp_path, monkeypatch):
+    """A run cut off in its second setup (a stage's time limit), then the same command with
+    --resume and one mode more: the first setup is kept as measured, the half-done one is measured
+    again from scratch, the new one added; every row once."""
+    from dpspeed.bench import study
+
+    measured = []
+    original = study.Study._setup
+
+    def cut_off_in_the_second(self, workload, base, label, precision):
+        measured.append(label)
+        if len(measured) == 2:
+            self.results["largest_batch"].append({"model": workload.model, "precision": precision, "setup": label,
+                                                  "largest": 1, "at_limit": False})  # half-done: a row, then cut
+            raise KeyboardInterrupt
+        return original(self, workload, base, label, precision)
+
+    monkeypatch.setattr(study.Study, "_setup", cut_off_in_the_second)
+    options = dict(models=["mlp"], image_size=8, max_batch=8, repeats=2, warmup=1, out=str(tmp_path))
+    first = study.Study(BenchConfig(modes=["bk"], **options), show_progress=False).run()
+    assert first["interrupted"] and first["completed"] == ["mlp|fp32|non-private"]
+    kept = [r for r in first["throughput"] if r["setup"] == "non-private"]
+
+    monkeypatch.setattr(study.Study, "_setup", original)
+    measured.clear()
+    counting = study.Study._setup
+    monkeypatch.setattr(study.Study, "_setup", lambda self, *a: (measured.append(a[2]), counting(self, *a))[1])
+    second = study.Study(BenchConfig(modes=["bk", "per-example"], resume=True, **options), show_progress=False).run()
+    assert measured == ["bk", "per-example"] and not second.get("interrupted")
+    assert second["completed"] == ["mlp|fp32|non-private", "mlp|fp32|bk", "mlp|fp32|per-example", "mlp|memory"]
+    assert [r for r in second["throughput"] if r["setup"] == "non-private"] == kept
+    setups = [r["setup"] for r in second["largest_batch"]]
+    assert sorted(setups) == ["bk", "non-private", "per-example"]  # the cut-off row is gone, each once
+    assert second["config"]["modes"] == ["bk", "per-example"] and len(second["runs"]) == 2
+    assert {r["setup"] for r in second["memory"]} >= {"non-private"}
+
+
+def test_resuming_with_other_measurement_settings_is_refused(tmp_path):
+    from dpspeed.bench import study
+
+    options = dict(models=["mlp"], modes=["bk"], max_batch=4, repeats=1, warmup=1, out=str(tmp_path))
+    study.Study(BenchConfig(image_size=8, **options), show_progress=False).run()
+    with pytest.raises(ValueError, match="image_size 8 -> 16"):
+        study.Study(BenchConfig(image_size=16, resume=True, **options), show_progress=False)
+
+
 # ---------------------------------------------------------------------------- scaling
 def test_amdahl_fit_recovers_known_parallel_fractions():
     for p in (0.5, 0.9, 0.995, 1.0):

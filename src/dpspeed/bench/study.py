@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import __version__
 from ..clipping.methods import ALL_MODES, TWO_PASS_MODES
+from . import resume
 from .memory import fact_6_1, layer_sizes, peak_bytes
 from .results import doubts, recommend
 from .search import free_memory, largest_batch
@@ -52,6 +53,7 @@ class BenchConfig:
     scaling_batch: int = 32  # --scaling: physical batch per process
     accumulate: int = 1  # --scaling: physical batches per logical batch (one all-reduce each)
     bandwidth: float = 25e9  # --scaling: bytes/s per link for the model at 8, 32 and 80 processes
+    resume: bool = False  # continue the run saved in `out`: measure only what it has not (resume.py)
 
 
 def source_commit() -> str | None:
@@ -103,7 +105,13 @@ class Study:
         self.results: dict = {
             "environment": environment(self.device), "config": asdict(config), "seed": config.seed,
             "models": {}, "largest_batch": [], "throughput": [], "breakdown": [], "end_to_end": [], "memory": [],
+            "completed": [],
         }
+        earlier = resume.load_earlier(self.out / "results.json", resume.config_as_saved(config)) \
+            if config.resume else None
+        if earlier is not None:
+            resume.merge(self.results, earlier)
+            logger.info("resuming %s: %d parts measured already", self.out / "results.json", len(earlier["completed"]))
 
     def save(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +126,7 @@ class Study:
     def run(self) -> dict:
         """Measure everything; on Ctrl-C keep what was measured (results['interrupted'] = True)."""
         c = self.config
-        total = len(c.models) * (len(c.precisions) * len(self.setups()) + 1)
+        total = len([p for model in c.models for p in self._parts(model) if p not in self.results["completed"]])
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, disable=not self.show_progress) as progress:
             task = progress.add_task("bench", total=total)
@@ -135,18 +143,33 @@ class Study:
         c = self.config
         return Workload(model, c.image_size, 3, c.num_classes, c.seq_len, c.seed)
 
+    def _parts(self, model: str) -> list[str]:
+        """The units of work for `model`, in the order they run (resume.part)."""
+        return [*[resume.part(model, precision, label) for precision in self.config.precisions
+                  for label in self.setups()], resume.part(model)]
+
     def _model(self, name: str, progress: Progress, task) -> None:
+        """Every setup of `name` in every precision, then its memory profile; parts an earlier run
+        completed are skipped, and each part is marked completed once measured in full."""
+        if all(p in self.results["completed"] for p in self._parts(name)):
+            return
         workload = self._workload(name)
         base = workload.build(self.device)
         self.results["models"][name] = {"unit": workload.unit, "parameters": sum(p.numel() for p in base.parameters())}
         for precision in self.config.precisions:
             for label in self.setups():
+                if resume.part(name, precision, label) in self.results["completed"]:
+                    continue
                 progress.update(task, description=f"{name} {precision} {label}")
                 self._setup(workload, base, label, precision)
-                self.save()
-                progress.advance(task)
-        progress.update(task, description=f"{name} memory per clipping style")
-        self._memory(workload, base)
+                self._completed(resume.part(name, precision, label), progress, task)
+        if resume.part(name) not in self.results["completed"]:
+            progress.update(task, description=f"{name} memory per clipping style")
+            self._memory(workload, base)
+            self._completed(resume.part(name), progress, task)
+
+    def _completed(self, part: str, progress: Progress, task) -> None:
+        self.results["completed"].append(part)
         self.save()
         progress.advance(task)
 
