@@ -367,6 +367,28 @@ def test_resuming_with_other_measurement_settings_is_refused(tmp_path):
         study.Study(BenchConfig(image_size=16, resume=True, **options), show_progress=False)
 
 
+def test_a_compiled_bench_steps_through_torch_compile(tmp_path, monkeypatch):
+    """--compile: every dpspeed setup and non-private training run their forward pass through
+    torch.compile (the eager backend here, for speed), Opacus's do not."""
+    from dpspeed.bench import study
+
+    compiled = []
+    real = torch.compile
+
+    def compile_eagerly(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    config = BenchConfig(models=["mlp"], image_size=8, modes=["bk"], max_batch=4, repeats=1, warmup=1,
+                         memory_styles=["all-layer"], compile=True, out=str(tmp_path))
+    results = study.Study(config, show_progress=False).run()
+    assert {r["setup"] for r in results["throughput"]} == {"non-private", "bk"}
+    assert len(compiled) >= 4  # two setups, and the memory profile's two
+    pytest.importorskip("opacus")
+    assert not Setup(nn.Linear(2, 2), "opacus-hooks", compiled=True).compiled
+
+
 # ---------------------------------------------------------------------------- scaling
 def test_amdahl_fit_recovers_known_parallel_fractions():
     for p in (0.5, 0.9, 0.995, 1.0):

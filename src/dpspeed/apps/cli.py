@@ -95,6 +95,8 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-batch", type=int, default=None, help="batch of the memory profile (default: the largest that fits, up to --max-batch)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="folder for results.json, plots and report.md")
+    p.add_argument("--compile", action="store_true",
+                   help="forward passes through torch.compile (compare with an eager run: dpspeed report A B)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out: measure only the setups it has not completed")
     p.add_argument("--scaling", action="store_true", help="under torchrun: throughput on 1..N processes and Amdahl's law")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 #: settings under which earlier rows would not compare with new ones
 MEASUREMENT_SETTINGS = ("image_size", "num_classes", "seq_len", "device", "max_batch", "min_batch", "memory_limit",
-                        "repeats", "warmup", "memory_mode", "memory_styles", "memory_batch", "seed")
+                        "repeats", "warmup", "memory_mode", "memory_styles", "memory_batch", "seed", "compile")
 #: settings a resumed run adds to
 UNION_SETTINGS = ("models", "precisions", "modes", "peers")
 #: the lists of measured rows

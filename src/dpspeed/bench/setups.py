@@ -54,10 +54,13 @@ class Setup:
     """A private copy of the model with its optimizer and criterion, ready to step."""
 
     def __init__(self, base: nn.Module, label: str, style: ClippingStyle = "all-layer", sigma: float = 1.0,
-                 process_group=None):
+                 process_group=None, compiled: bool = False):
         """`process_group`: train data-parallel over these processes (DistributedDataParallel for
-        non-private training, dpspeed's own all-reduce for its modes)."""
+        non-private training, dpspeed's own all-reduce for its modes). `compiled`: the forward pass
+        through torch.compile (after make_private; Opacus's setups are not compiled)."""
         self.label = label
+        self.compiled = compiled and not label.startswith("opacus-")
+        self._forward: nn.Module | None = None
         self.model = copy.deepcopy(base)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
         self.criterion = nn.CrossEntropyLoss()
@@ -75,6 +78,20 @@ class Setup:
             max_grad_norm=1.0, criterion=self.criterion, clipping_mode=label, clipping_style=style,
             process_group=process_group,
         )
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """What the step calls: the model, or its torch.compile wrapper (made at the first step)."""
+        if self._forward is None:
+            if self.compiled:
+                # a graph compiled for another setup's copy of the model (without dpspeed's hooks, or
+                # with another mode's) must not be reused: each setup compiles afresh
+                torch._dynamo.reset()
+                # every batch size is a new shape: past dynamo's default of 8 compilations per
+                # function it would fall back to eager silently
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._forward = torch.compile(self.model) if self.compiled else self.model
+        return self._forward
 
     @property
     def private(self) -> bool:
@@ -106,7 +123,7 @@ class Setup:
         with tensor_cores(precision_name):
             with self.model.no_sync() if wrapped and not last else contextlib.nullcontext():
                 with section("forward"), autocast(precision_name, x.device):
-                    loss = self.criterion(logits(self.model(x)), y)
+                    loss = self.criterion(logits(self.forward_model(x)), y)
                 with section("backward"):
                     loss.backward()
             if self.private:
@@ -134,5 +151,5 @@ class Setup:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.detach()
-        self.model = self.optimizer = self.criterion = self.engine = None
+        self.model = self.optimizer = self.criterion = self.engine = self._forward = None
         free_memory()

@@ -54,6 +54,7 @@ class BenchConfig:
     accumulate: int = 1  # --scaling: physical batches per logical batch (one all-reduce each)
     bandwidth: float = 25e9  # --scaling: bytes/s per link for the model at 8, 32 and 80 processes
     resume: bool = False  # continue the run saved in `out`: measure only what it has not (resume.py)
+    compile: bool = False  # forward passes through torch.compile (warm-up includes the compilation)
 
 
 def source_commit() -> str | None:
@@ -195,7 +196,7 @@ class Study:
                                                   "error": "the two-pass modes refuse 16-bit autocast"})
             return
         try:
-            setup = Setup(base, label)
+            setup = Setup(base, label, compiled=c.compile)
         except (ValueError, RuntimeError, ImportError) as err:
             logger.warning("%s cannot run %s: %s", label, workload.model, err)
             self.results["largest_batch"].append({**key, "largest": 0, "at_limit": False, "error": str(err)})
@@ -263,7 +264,7 @@ class Study:
         for label, style in [(NON_PRIVATE, None), *[(c.memory_mode, s) for s in c.memory_styles]]:
             setup = None
             try:
-                setup = Setup(base, label, style or "all-layer")
+                setup = Setup(base, label, style or "all-layer", compiled=c.compile)
                 setup.step(x, y, precision, last=True)  # warm-up: optimizer state, first-pass trace
                 measured = peak_bytes(lambda: setup.step(x, y, precision, last=True), self.device)
             except (torch.OutOfMemoryError, RuntimeError, ValueError) as err:
