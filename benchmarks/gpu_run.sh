@@ -7,6 +7,18 @@
 #     benchmarks/gpu_run.sh bench-vit                  # dpspeed bench, ViT-base, bf16, Opacus beside
 #     benchmarks/gpu_run.sh bench-bit speed-tf32 speed-fp32  # BiT-ResNet-50x1 bench; ViT-base side by side
 #     benchmarks/gpu_run.sh kernel speed-bf16          # the fused ghost norm, then today's path beside it
+#
+# The seed study (issue 16), each stage at most ~9 minutes, resumable: its results go to
+# benchmarks/results/h100/study-*/ inside the repository (tarred into $OUT as well), and a stage cut
+# off by its limit is continued by running it again on a checkout holding what it left
+# (`dpspeed bench --resume` measures only what is missing). Commit the folders between calls.
+#     benchmarks/gpu_run.sh study-vit-bf16 study-vit-tf32 study-vit-fp32   # ViT-base: every mode, Opacus
+#     benchmarks/gpu_run.sh study-bit-bf16 study-bit-tf32 study-bit-fp32   # BiT-ResNet-50x1 likewise
+#     benchmarks/gpu_run.sh size-vit-tiny size-vit-small size-vit-base size-vit-large size-vit-huge  # Fig. 1-3
+#     benchmarks/gpu_run.sh size-bit-50x1 size-bit-50x3 size-bit-101x1 size-bit-101x3               # Table 2
+#     benchmarks/gpu_run.sh compile-vit                 # torch.compile against eager (study-vit-bf16 is eager)
+# The size curves run in fp32 and TF32, as the seed's (Fig. 7 is their ratio), with the modes the
+# seed compared (the memory profile and Fact 6.1 come with every study-* stage).
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -30,6 +42,13 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log and tar i
     echo "=== $name: exit $? after $((SECONDS - start)) s"
     tail -n 25 "/tmp/stages/$name/log.txt"
     tar -czf "$OUT/$name.tar.gz" -C /tmp/stages "$name"
+}
+
+results() {  # results STAGE FOLDER SECONDS BENCH-OPTIONS...: dpspeed bench --resume into the repository
+    local name=$1 folder=benchmarks/results/h100/$2 limit=$3
+    shift 3
+    stage "$name" "$limit" python3 -m dpspeed bench "$@" --repeats 3 --warmup 1 --no-progress --resume --out "$folder"
+    tar -czf "$OUT/$name-results.tar.gz" "$folder"
 }
 
 for s in "$@"; do
@@ -77,6 +96,21 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
             DPSPEED_FUSED_GHOST_NORM=1 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
             --device cuda --precision bf16 --batch 256 --modes bk --repeats 4 --warmup 1 \
             --out /tmp/stages/kernel/speed_vit_base_bf16_fused.json" ;;
+    study-vit-* | study-bit-*)  # one model, one precision, every mode, the peers
+        m=${s#study-}; m=${m%%-*}; p=${s##*-}
+        [ "$m" = vit ] && model=$VIT || model=$BIT
+        results "$s" "study-$m" 540 --model $model --precisions $p --peers opacus --min-batch 32 ;;
+    size-vit-*)
+        name=vit_${s#size-vit-}_patch16_224; [ "$s" = size-vit-huge ] && name=vit_huge_patch14_224
+        results "$s" sizes-vit 540 --model "timm:$name" --image-size 224 --num-classes 100 \
+            --precisions fp32 tf32 --modes per-example ghost mix-ghost bk bk-mix-opt auto --peers opacus \
+            --min-batch 8 ;;
+    size-bit-*)
+        results "$s" sizes-bit 540 --model "timm:resnetv2_${s#size-bit-}_bit" --image-size 224 --num-classes 100 \
+            --precisions fp32 tf32 --modes per-example ghost mix-ghost bk bk-mix-opt auto --peers opacus \
+            --min-batch 8 ;;
+    compile-vit)
+        results compile-vit compile-vit 540 --model $VIT --precisions bf16 --modes bk auto --compile --min-batch 32 ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
