@@ -12,11 +12,13 @@
 # benchmarks/results/h100/study-*/ inside the repository (tarred into $OUT as well), and a stage cut
 # off by its limit is continued by running it again on a checkout holding what it left
 # (`dpspeed bench --resume` measures only what is missing). Commit the folders between calls.
-#     benchmarks/gpu_run.sh study-vit-bf16 study-vit-tf32 study-vit-fp32   # ViT-base: every mode, Opacus
+#     benchmarks/gpu_run.sh study-vit-bf16 study-vit-tf32 study-vit-fp32   # ViT-base: every mode, Opacus, JAX
 #     benchmarks/gpu_run.sh study-bit-bf16 study-bit-tf32 study-bit-fp32   # BiT-ResNet-50x1 likewise
 #     benchmarks/gpu_run.sh size-vit-tiny size-vit-small size-vit-base size-vit-large size-vit-huge  # Fig. 1-3
 #     benchmarks/gpu_run.sh size-bit-50x1 size-bit-50x3 size-bit-101x1 size-bit-101x3               # Table 2
 #     benchmarks/gpu_run.sh compile-vit                 # torch.compile against eager (study-vit-bf16 is eager)
+# The JAX peer needs flax, optax and jax-privacy beside the machine's JAX: their wheels travel in .whl/
+# with dp-accounting's and Opacus's (`pip download --no-deps -d .whl flax optax jax-privacy ...`).
 # The size curves run in fp32 and TF32, as the seed's (Fig. 7 is their ratio), with the modes the
 # seed compared (the memory profile and Fact 6.1 come with every study-* stage).
 set -u
@@ -99,11 +101,11 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
     study-vit-* | study-bit-*)  # one model, one precision, every mode, the peers
         m=${s#study-}; m=${m%%-*}; p=${s##*-}
         [ "$m" = vit ] && model=$VIT || model=$BIT
-        results "$s" "study-$m" 540 --model $model --precisions $p --peers opacus --min-batch 32 ;;
+        results "$s" "study-$m" 540 --model $model --precisions $p --peers opacus jax --min-batch 32 ;;
     size-vit-*)
         name=vit_${s#size-vit-}_patch16_224; [ "$s" = size-vit-huge ] && name=vit_huge_patch14_224
         results "$s" sizes-vit 540 --model "timm:$name" --image-size 224 --num-classes 100 \
-            --precisions fp32 tf32 --modes per-example ghost mix-ghost bk bk-mix-opt auto --peers opacus \
+            --precisions fp32 tf32 --modes per-example ghost mix-ghost bk bk-mix-opt auto --peers opacus jax \
             --min-batch 8 ;;
     size-bit-*)
         results "$s" sizes-bit 540 --model "timm:resnetv2_${s#size-bit-}_bit" --image-size 224 --num-classes 100 \

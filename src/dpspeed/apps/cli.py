@@ -83,7 +83,8 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS,
                    help="default: fp32 tf32 bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--modes", nargs="+", default=d.modes)
-    p.add_argument("--peers", nargs="*", default=[], choices=["opacus"], help="peers timed in the same run")
+    p.add_argument("--peers", nargs="*", default=[], choices=["opacus", "jax"],
+                   help="peers timed in the same run: Opacus, and DP-SGD in JAX (jax-privacy) on a Flax twin of a timm ViT")
     p.add_argument("--max-batch", type=int, default=None, help="upper limit of the batch search (default 64 on CPU, 4096 on GPU)")
     p.add_argument("--min-batch", type=int, default=d.min_batch, help="smallest batch of the throughput curve")
     p.add_argument("--memory-limit", type=parse_bytes, default=None, help="treat steps needing more as out of memory (e.g. 2GiB)")

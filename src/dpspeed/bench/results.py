@@ -56,7 +56,7 @@ def precision_speedup(results: dict) -> dict[tuple[str, str, str], float]:
 
 
 def is_dpspeed_mode(setup: str) -> bool:
-    return setup != NON_PRIVATE and not setup.startswith("opacus-")
+    return setup != NON_PRIVATE and not setup.startswith(("opacus-", "jax-"))
 
 
 def recommend(results: dict, model: str) -> dict | None:

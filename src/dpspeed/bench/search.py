@@ -14,7 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    """torch's, or XLA's (the JAX peer: RESOURCE_EXHAUSTED), which are RuntimeErrors too."""
+    message = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in message.lower() or "RESOURCE_EXHAUSTED" in message))
 
 
 @dataclass

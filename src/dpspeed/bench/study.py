@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import __version__
 from ..clipping.methods import ALL_MODES, TWO_PASS_MODES
-from . import resume
+from . import jax_peer, resume
 from .memory import fact_6_1, layer_sizes, peak_bytes
 from .results import doubts, recommend
 from .search import free_memory, largest_batch
@@ -108,6 +108,10 @@ class Study:
             "models": {}, "largest_batch": [], "throughput": [], "breakdown": [], "end_to_end": [], "memory": [],
             "completed": [],
         }
+        self._jax_missing = jax_peer.missing() if "jax" in config.peers else []
+        if self._jax_missing:
+            logger.warning("--peers jax: skipped, %s not installed (pip install \"dpspeed[jax]\")",
+                           ", ".join(self._jax_missing))
         earlier = resume.load_earlier(self.out / "results.json", resume.config_as_saved(config)) \
             if config.resume else None
         if earlier is not None:
@@ -122,7 +126,10 @@ class Study:
         return path
 
     def setups(self) -> list[str]:
-        return [NON_PRIVATE, *self.config.modes, *[f"opacus-{m}" for m in ("hooks", "ghost") if "opacus" in self.config.peers]]
+        peers = [f"opacus-{m}" for m in ("hooks", "ghost") if "opacus" in self.config.peers]
+        if "jax" in self.config.peers and not self._jax_missing:
+            peers += jax_peer.LABELS
+        return [NON_PRIVATE, *self.config.modes, *peers]
 
     def run(self) -> dict:
         """Measure everything; on Ctrl-C keep what was measured (results['interrupted'] = True)."""
@@ -191,6 +198,9 @@ class Study:
     def _setup(self, workload: Workload, base: torch.nn.Module, label: str, precision: str) -> None:
         c = self.config
         key = {"model": workload.model, "precision": precision, "setup": label}
+        if label in jax_peer.LABELS:
+            self._jax(workload, base, key)
+            return
         if label in TWO_PASS_MODES and precision == "bf16":  # refused: their sums round to 16 bits
             self.results["largest_batch"].append({**key, "largest": 0, "at_limit": False,
                                                   "error": "the two-pass modes refuse 16-bit autocast"})
@@ -235,6 +245,28 @@ class Study:
                 free_memory()
         finally:
             setup.close()
+
+    def _jax(self, workload: Workload, base: torch.nn.Module, key: dict) -> None:
+        """The JAX peer (jax_peer.py): its largest batch and its throughput over batch sizes, each
+        with the seconds its step took to compile; skipped, with the reason, for a model it has no
+        Flax twin of."""
+        c = self.config
+        config = jax_peer.vit_config(base)
+        if isinstance(config, str):
+            logger.warning("--peers jax: %s skipped: %s", workload.model, config)
+            self.results["largest_batch"].append({**key, "largest": 0, "at_limit": False, "error": config})
+            return
+        steps = jax_peer.JaxSteps(config, key["setup"], key["precision"], seed=c.seed)
+
+        def batch(size: int) -> tuple:
+            return jax_peer.as_numpy(*workload.batch(size, "cpu"))
+
+        search = largest_batch(lambda b: steps.step(*batch(b)), limit=c.max_batch, start=min(c.min_batch, c.max_batch))
+        self.results["largest_batch"].append({**key, "largest": search.largest, "at_limit": search.at_limit,
+                                              "tried": search.tried})
+        for size in sorted({b for b in _powers_of_two(c.min_batch, search.largest)} | {search.largest} - {0}):
+            row = jax_peer.throughput(steps, *batch(size), c.repeats, c.warmup)
+            self.results["throughput"].append({**key, **row})
 
     def _trusted_throughput(self, setup: Setup, key: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
         """A throughput row, measured once more if it cannot be right (`results.doubts`), and
