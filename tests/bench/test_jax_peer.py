@@ -97,6 +97,9 @@ def test_peers_jax_runs_beside_the_pytorch_setups(tmp_path):
     assert set(rows) == {"non-private", "bk", "jax-non-private", "jax-dp"}
     assert rows["jax-dp"]["per_second"] > 0 and rows["jax-dp"]["compile_seconds"] > 0
     assert not any(r["mode"].startswith("jax") for r in results["recommendation"])
+    from dpspeed.bench.report import build
+
+    assert "## JAX: compilation apart from the steps" in build(results, tmp_path).read_text()
 
 
 def test_peers_jax_without_jax_is_skipped_with_one_line(tmp_path, monkeypatch, caplog):

@@ -109,6 +109,15 @@ def build(results: dict, out: Path) -> Path:
         if "breakdown.png" in made:
             lines += ["", "![Breakdown](breakdown.png)"]
 
+    compiled = [r for r in results.get("throughput", []) if r.get("compile_seconds") is not None]
+    if compiled:
+        lines += ["", "## JAX: compilation apart from the steps", "",
+                  "Seconds XLA took to compile each physical batch size's step (once per size: Poisson batches are "
+                  "padded to it and masked), beside the step it then takes (seed Fig. A.1).", ""]
+        rows = [[r["model"], r["precision"], r["setup"], r["batch"], r["compile_seconds"],
+                 1e3 * r["seconds_median"]] for r in compiled]
+        lines += _table(["model", "precision", "setup", "batch", "compile (s)", "step (ms)"], rows)
+
     if results.get("memory"):
         lines += ["", "## Memory per clipping style", "",
                   "Peak memory of one whole step above the memory held before it, and the largest memory peak that "
