@@ -160,3 +160,20 @@ def test_an_unseeded_sampler_saves_no_state():
     next(iter(loader))
     assert loader.state_dict() == {} and PoissonBatchSampler(20, 0.25).state_dict() == {}
     assert "generator" in PoissonBatchSampler(20, 0.25, seed=3).state_dict()
+
+
+def test_deferred_announcements_of_a_broken_off_pass_are_dropped():
+    """A loop that fetched ahead and broke off: the next pass's first batch gets its own announcement."""
+    from dpspeed.sampling import DPDataLoader
+
+    data = TensorDataset(torch.arange(12).float())
+    loader = DPDataLoader(data, [[0, 1], [2, 3, 4], [5]], max_physical_batch_size=2)
+    heard = []
+    loader.on_physical_batch(lambda last, mask, starting, rows: heard.append((last, starting, rows)))
+    announce = loader.defer_announcements()
+    batches = iter(loader)
+    next(batches), next(batches)  # fetched two, trained one
+    announce()
+    for _ in loader:  # a new pass
+        announce()
+    assert heard == [(True, True, 2), (True, True, 2), (False, False, 2), (True, False, 1), (True, False, 1)]

@@ -238,7 +238,13 @@ class DPDataLoader:
         batch and in order: for a loop that fetches batches ahead of the step it trains them in
         (Lightning prefetches one), which would otherwise announce a batch before the last was stepped."""
         listeners, pending = list(self._on_physical_batch), deque()
-        self._on_physical_batch[:] = [lambda *announcement: pending.append(announcement)]
+
+        def hold(*announcement) -> None:
+            if announcement[2]:  # a new pass: what an earlier pass, broken off, fetched ahead is never trained
+                pending.clear()
+            pending.append(announcement)
+
+        self._on_physical_batch[:] = [hold]
 
         def announce_next() -> None:
             if not pending:

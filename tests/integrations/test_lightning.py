@@ -205,3 +205,18 @@ def test_a_callback_makes_one_fit_private():
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="new DPCallback for each fit"):
         warnings.simplefilter("ignore")
         _trainer(callback, max_epochs=1).fit(Classifier(), DataLoader(DATA, batch_size=12))
+
+
+def test_an_epoch_cut_short_leaves_no_stale_batch_for_the_next():
+    """limit_train_batches cuts an epoch after a batch Lightning has fetched ahead: that batch's
+    announcement must not be taken for the next epoch's first batch (its logical batches would be
+    split at the wrong places). The unfinished logical batch is dropped, never stepped."""
+    callback = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3, seed=3, max_physical_batch_size=5)
+    model = Classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trainer(callback, max_epochs=3, limit_train_batches=4)
+        trainer.fit(model, DataLoader(DATA, batch_size=12))
+    optimizer = callback.engine.optimizer
+    assert 0 < optimizer.logical_steps == callback.engine.accountant.steps <= 3 * 4 // 2
+    assert not optimizer._announced
