@@ -159,8 +159,9 @@ class DPCallback(pl.Callback):
         if not self.engine.controller.recordings:
             name = type(self.engine.controller.model).__name__
             raise RuntimeError(
-                f"DPCallback: training_step did not call the module dpspeed is attached to ({name}, the smallest "
-                "holding every trainable parameter), so no example's gradient can be clipped. Call it in "
+                f"DPCallback: training_step did not call the module dpspeed is attached to ({name}: DPCallback's "
+                "module=, or the smallest holding every trainable parameter), so no example's gradient can be "
+                "clipped. Call it in "
                 "training_step (self(x) when that is the LightningModule), or name the submodule it calls with "
                 "DPCallback(module=...)"
             )
