@@ -5,8 +5,6 @@ checkpoint; what it cannot make private is refused before anything runs."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
+pytestmark = pytest.mark.filterwarnings("ignore")  # Lightning's advice (workers, logging intervals) on tiny data
 
 from dpspeed import PrivacyEngine  # noqa: E402
 from dpspeed.integrations.lightning import DPCallback, smallest_holder  # noqa: E402
@@ -57,9 +56,7 @@ def _trainer(callback: DPCallback, **kwargs) -> pl.Trainer:
 
 def _fit(callback: DPCallback, calls: str = "child", **kwargs) -> Classifier:
     model = Classifier(calls)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _trainer(callback, **kwargs).fit(model, DataLoader(DATA, batch_size=12))
+    _trainer(callback, **kwargs).fit(model, DataLoader(DATA, batch_size=12))
     return model
 
 
@@ -103,9 +100,7 @@ def test_physical_parts_make_one_step_per_logical_batch():
 def test_epsilon_is_logged_and_the_target_is_met():
     callback = DPCallback(target_epsilon=3.0, target_delta=1e-3, max_grad_norm=1.0)
     trainer = _trainer(callback)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(), DataLoader(DATA, batch_size=12))
+    trainer.fit(Classifier(), DataLoader(DATA, batch_size=12))
     epsilon = callback.get_epsilon()
     assert 2.9 < epsilon <= 3.0
     assert float(trainer.callback_metrics["epsilon"]) == pytest.approx(epsilon)
@@ -115,13 +110,11 @@ def test_a_resumed_fit_continues_the_accountant_and_the_streams(tmp_path):
     first = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3, seed=3)
     model = Classifier()
     trainer = _trainer(first, max_epochs=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, DataLoader(DATA, batch_size=12))
-        trainer.save_checkpoint(tmp_path / "one.ckpt")
-        second = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3, seed=3)
-        resumed = Classifier()
-        _trainer(second, max_epochs=2).fit(resumed, DataLoader(DATA, batch_size=12), ckpt_path=tmp_path / "one.ckpt")
+    trainer.fit(model, DataLoader(DATA, batch_size=12))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    second = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3, seed=3)
+    resumed = Classifier()
+    _trainer(second, max_epochs=2).fit(resumed, DataLoader(DATA, batch_size=12), ckpt_path=tmp_path / "one.ckpt")
     assert second.engine.accountant.steps == 8
     _close(resumed, _plain_loop())
 
@@ -130,9 +123,7 @@ def test_an_unseeded_checkpoint_holds_no_random_stream(tmp_path):
     callback = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3)
     model = Classifier()
     trainer = _trainer(callback, max_epochs=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, DataLoader(DATA, batch_size=12))
+    trainer.fit(model, DataLoader(DATA, batch_size=12))
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     saved = torch.load(tmp_path / "one.ckpt", weights_only=False)
     text = repr(saved)
@@ -146,8 +137,7 @@ def test_a_training_step_that_bypasses_the_attached_module_is_refused():
             x, y = batch
             return F.cross_entropy(self.head(self.encoder(x).tanh()), y)
 
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="did not call the module"):
-        warnings.simplefilter("ignore")
+    with pytest.raises(RuntimeError, match="did not call the module"):
         _trainer(DPCallback(noise_multiplier=1.0)).fit(Bypass("root"), DataLoader(DATA, batch_size=12))
 
 
@@ -161,8 +151,7 @@ def test_what_cannot_be_private_is_refused(option, reason):
         from lightning.pytorch.plugins import MixedPrecision
 
         option = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
-    with warnings.catch_warnings(), pytest.raises(ValueError, match=reason):
-        warnings.simplefilter("ignore")
+    with pytest.raises(ValueError, match=reason):
         _trainer(DPCallback(noise_multiplier=1.0), **option).fit(Classifier(), DataLoader(DATA, batch_size=12))
 
 
@@ -172,8 +161,7 @@ def test_manual_optimization_and_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="second backward"):
         DPCallback(noise_multiplier=1.0, clipping_mode="ghost")
     manual = Classifier(manual=True)
-    with warnings.catch_warnings(), pytest.raises(ValueError, match="manual optimization"):
-        warnings.simplefilter("ignore")
+    with pytest.raises(ValueError, match="manual optimization"):
         _trainer(DPCallback(noise_multiplier=1.0)).fit(manual, DataLoader(DATA, batch_size=12))
 
 
@@ -202,8 +190,7 @@ def test_bf16_mixed_precision_trains():
 def test_a_callback_makes_one_fit_private():
     callback = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3)
     _fit(callback, max_epochs=1)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="new DPCallback for each fit"):
-        warnings.simplefilter("ignore")
+    with pytest.raises(RuntimeError, match="new DPCallback for each fit"):
         _trainer(callback, max_epochs=1).fit(Classifier(), DataLoader(DATA, batch_size=12))
 
 
@@ -213,10 +200,8 @@ def test_an_epoch_cut_short_leaves_no_stale_batch_for_the_next():
     split at the wrong places). The unfinished logical batch is dropped, never stepped."""
     callback = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3, seed=3, max_physical_batch_size=5)
     model = Classifier()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = _trainer(callback, max_epochs=3, limit_train_batches=4)
-        trainer.fit(model, DataLoader(DATA, batch_size=12))
+    trainer = _trainer(callback, max_epochs=3, limit_train_batches=4)
+    trainer.fit(model, DataLoader(DATA, batch_size=12))
     optimizer = callback.engine.optimizer
     assert 0 < optimizer.logical_steps == callback.engine.accountant.steps <= 3 * 4 // 2
     assert not optimizer._announced
