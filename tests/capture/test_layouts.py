@@ -164,3 +164,33 @@ def test_a_weight_tied_between_a_child_and_the_models_own_code_counts_each_use_o
     tokens = torch.randint(0, 11, (4, 5))
     check_losses(OwnCodeTiedLM(transposed), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
                  (tokens, torch.randint(0, 11, (4,))))
+
+
+class _LookupBlock(nn.Module):
+    """Uses its child's weight in its own code: its binding names the weight "embed.weight"."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.embed.weight) * 2
+
+
+class _BlockTiedLM(nn.Module):
+    """The model's own code uses the block's embedding weight as its output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.mix = _LookupBlock(), nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        return (torch.tanh(self.mix(self.block(tokens))) @ self.block.embed.weight.T).mean(1)
+
+
+def test_a_weight_tied_through_a_childs_dotted_name_counts_each_use_once():
+    """The replay held the weight constant under its dotted name and crashed (KeyError 'embed.weight')."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (4, 5))
+    check_losses(_BlockTiedLM(), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                 (tokens, torch.randint(0, 11, (4,))))

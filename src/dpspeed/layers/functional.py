@@ -52,18 +52,21 @@ def per_example_pullback(
 
 @contextlib.contextmanager
 def constant_inside(uses: list[tuple[nn.Module, str]]):
-    """While each (child, name) runs its forward, its parameter `name` is detached: a replay then
-    differentiates only the uses outside those children (a tied weight's other uses are theirs)."""
+    """While each (child, name) runs its forward, its parameter `name` (its own, or a dotted name
+    of one of its children's) is detached: a replay then differentiates only the uses outside those
+    children (a tied weight's other uses are theirs)."""
     handles = []
     for child, name in uses:
-        swapped = {}
+        prefix, _, leaf = name.rpartition(".")
+        owner = child.get_submodule(prefix)
+        swapped = []
 
-        def detach(module: nn.Module, args, name=name, swapped=swapped) -> None:
-            swapped[name] = module._parameters[name]
-            module._parameters[name] = swapped[name].detach()
+        def detach(module: nn.Module, args, owner=owner, leaf=leaf, swapped=swapped) -> None:
+            swapped.append(owner._parameters[leaf])
+            owner._parameters[leaf] = swapped[-1].detach()
 
-        def restore(module: nn.Module, args, output, name=name, swapped=swapped) -> None:
-            module._parameters[name] = swapped.pop(name)
+        def restore(module: nn.Module, args, output, owner=owner, leaf=leaf, swapped=swapped) -> None:
+            owner._parameters[leaf] = swapped.pop()
 
         handles += [child.register_forward_pre_hook(detach), child.register_forward_hook(restore, always_call=True)]
     try:
