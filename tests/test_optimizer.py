@@ -159,6 +159,14 @@ def test_whole_batch_and_partial_passes_cannot_be_mixed_in_one_step():
         model(x[:2])
 
 
+def test_a_part_then_the_whole_batch_names_the_parts_rows():
+    engine, model, optimizer, loader, _ = _loop(batch_size=4)
+    (x,) = next(iter(loader))
+    model(x[:3])
+    with pytest.raises(RuntimeError, match=r"over all of a physical batch \(4 rows\) and over part of it \(3 rows\)"):
+        model(x)
+
+
 @pytest.mark.parametrize("zero_grad_first", [False, True])
 def test_a_loop_over_the_examples_of_a_batch_clips_each_on_its_own(zero_grad_first):
     """One forward pass per example (variable-length inputs), one backward of the summed losses:
@@ -204,3 +212,28 @@ def test_zero_grad_between_forward_and_backward_keeps_the_batch(mode):
     expected = step(zero_grad_between=False)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(step(zero_grad_between=True), expected)
+
+
+def _probe_then_train(backward_through_probe: bool) -> torch.Tensor:
+    """In each step a pass outside torch.no_grad (a probe on other rows), zero_grad, then the training pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = DataLoader(TensorDataset(torch.randn(12, 3) * 10, torch.tensor([0, 1, 0, 1, 1, 0] * 2)), batch_size=6)
+    model, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=data, noise_multiplier=0.0,
+        max_grad_norm=0.1, clipping_mode="bk", poisson_sampling=False)
+    for x, y in loader:
+        probe = model(torch.randn(4, 3)).sum()
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        (loss + probe if backward_through_probe else loss).backward()
+        optimizer.step()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_a_pass_kept_by_zero_grad_is_dropped_when_another_pass_begins():
+    """zero_grad keeps a pass for its backward; a probe pass (no torch.no_grad) never gets one: it
+    was merged with the training pass, or refused as a part beside the whole batch."""
+    assert _probe_then_train(backward_through_probe=False).abs().sum() > 0
+    with pytest.raises(RuntimeError, match="made before optimizer.zero_grad"):
+        _probe_then_train(backward_through_probe=True)

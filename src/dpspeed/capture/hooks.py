@@ -87,8 +87,10 @@ class Controller:
         self._batch_recording: Recording | None = None  # the current physical batch's whole-batch passes'
         self._current: Recording | None = None  # where the pass now running records
         self._batch_rows: int | None = None
-        self._parts = 0  # passes over parts of the current physical batch
+        self._parts, self._part_rows = 0, None  # passes over parts of the current physical batch, the last one's rows
         self._gradients_arrived = False  # in the current physical batch
+        self._kept_by_zero_grad = False  # passes zero_grad kept for a backward still to come
+        self._told_rows: int | None = None  # the physical batch's size as the loader told it
         self._independence_checked = False
         self._watch_rows: int | None = None  # the first training pass's batch: its output is watched to the loss
         self._sharded = any(is_sharded(p) for p in params.values())
@@ -229,19 +231,22 @@ class Controller:
         clipped together, row i being example i in each. A pass over part of the batch (a loop over
         examples or micro-batches, disjoint parts) gets a recording of its own. The two kinds are
         not mixed in one physical batch, since dpspeed could not tell which rows are which."""
+        if self._kept_by_zero_grad:  # zero_grad, then a new pass before any backward: the kept one gets none
+            self._discard_kept_passes()
         self._pass_batch = rows
         self._shared = {}  # inputs of this pass stay alive in its calls: their ids are unique
         if self._batch_rows is None:
             self._batch_rows = rows  # no loader told the batch's size: the first pass's
         whole = rows == self._batch_rows
         if (whole and self._parts) or (not whole and self._batch_recording is not None):
+            part = self._part_rows if whole else rows
             raise RuntimeError(
                 f"forward passes over all of a physical batch ({self._batch_rows} rows) and over part of it "
-                f"({rows} rows) in one step: dpspeed could not tell which rows are the same example. Pass all "
+                f"({part} rows) in one step: dpspeed could not tell which rows are the same example. Pass all "
                 "rows every time (views of each example), or only disjoint parts (a loop over examples)"
             )
         if not whole:
-            self._parts += 1
+            self._parts, self._part_rows = self._parts + 1, rows
             self.recordings.append({})
             self._current = self.recordings[-1]
             return
@@ -257,8 +262,18 @@ class Controller:
 
     def new_physical_batch(self, rows: int | None = None) -> None:
         """The next forward pass starts a new physical batch, of `rows` examples (None: unknown)."""
-        self._batch_recording, self._current, self._batch_rows = None, None, rows
-        self._gradients_arrived, self._parts = False, 0
+        self._batch_recording, self._current, self._batch_rows, self._told_rows = None, None, rows, rows
+        self._gradients_arrived, self._parts, self._part_rows, self._kept_by_zero_grad = False, 0, None, False
+
+    def _discard_kept_passes(self) -> None:
+        """Drop the passes recorded before zero_grad (a forward pass outside torch.no_grad whose
+        backward never came); a gradient that reaches them later is refused."""
+        for recording in self.recordings:
+            for calls in recording.values():
+                for call in calls:
+                    call.discarded = True
+        self.recordings, self._tapped = [], []
+        self.new_physical_batch(self._told_rows)
 
     @torch.compiler.disable
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -314,7 +329,12 @@ class Controller:
                 "a second backward pass through the same forward pass: its gradients would reach no clipped sum. "
                 "Add the losses and call backward() once per forward pass"
             )
-        self._gradients_arrived = True
+        if call.discarded:
+            raise RuntimeError(
+                "a backward pass through a forward pass made before optimizer.zero_grad() and followed by another "
+                "forward pass: dpspeed dropped it as a pass whose backward would not come. Run forward passes that "
+                "are not trained on under torch.no_grad(), and zero_grad before the forward pass or just after it")
+        self._gradients_arrived, self._kept_by_zero_grad = True, False
         call.output_grads[slot] = grad
         for callback in self._on_grad:
             callback(binding, call)
@@ -402,7 +422,8 @@ class Controller:
         keep them while no gradient of this physical batch has arrived, since zero_grad between a
         forward pass and its backward is valid PyTorch and must not drop the batch."""
         if keep_forward and not self._gradients_arrived:
+            self._kept_by_zero_grad = bool(self.recordings)
             return
         self.recordings = []
         self._tapped = []
-        self.new_physical_batch(self._batch_rows)
+        self.new_physical_batch(self._told_rows)

@@ -41,6 +41,7 @@ class Call:
     shared: dict = field(default_factory=dict)  # one dict for all calls on the same input tensor
     cache: dict = field(default_factory=dict)  # what one rule method computed for another (per call)
     released: bool = False  # clipped, its tensors let go
+    discarded: bool = False  # its pass was dropped before any gradient came (zero_grad, then another pass)
     #: the autocast state the call ran under: a replay of it runs under the same (records are made
     #: in the forward pass, replays in the backward pass or at the step, outside the forward's autocast)
     autocast: list[tuple[str, torch.dtype]] = field(default_factory=autocast_state)
