@@ -601,6 +601,45 @@ def test_a_model_compiled_before_make_private_trains_as_the_uncompiled_one():
         torch.testing.assert_close(compiled, plain)
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_a_compiled_wrapper_run_before_make_private_runs_the_hooks_after_it(mode):
+    """A wrapper that trained without DP first ("compile, then fine-tune with DP") kept its graph,
+    compiled without hooks (dynamo does not guard on them): bk refused the step, ghost stepped
+    with noise only."""
+
+    def step(compile_and_warm_up: bool) -> torch.Tensor:
+        torch._dynamo.reset()  # no graph of earlier tests (past dynamo's cache limit it would run eagerly)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        given = torch.compile(model, backend="eager") if compile_and_warm_up else model
+        x, y = torch.randn(8, 4) * 100, torch.randint(0, 3, (8,))
+        if compile_and_warm_up:
+            nn.functional.cross_entropy(given(x), y).backward()
+            model.zero_grad()
+        _, (m, opt, criterion, loader) = _private(
+            given, data_loader=DataLoader(TensorDataset(x, y), batch_size=8), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=0.0, max_grad_norm=0.01, clipping_mode=mode, poisson_sampling=False)
+        for xb, yb in loader:
+            criterion(m(xb), yb).backward()
+            opt.step()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain = step(compile_and_warm_up=False)
+    assert plain.norm() > 0
+    torch.testing.assert_close(step(compile_and_warm_up=True), plain)
+
+
+def test_a_two_pass_loss_without_a_recorded_forward_pass_is_refused():
+    """ghost's loss from a forward pass that bypassed the hooks stepped with noise only."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=8)
+    _, (m, opt, criterion, loader) = _private(model, data_loader=data, criterion=nn.CrossEntropyLoss(),
+                                              clipping_mode="ghost", poisson_sampling=False)
+    x, y = next(iter(loader))
+    with pytest.raises(RuntimeError, match="recorded nothing"):
+        criterion(m.forward(x), y).backward()
+
+
 class _EveryKindOfHook(nn.Module):
     """A layer rule's tap (Linear), a recurrent layer's routed forward (GRU) and the op taps of a
     bare parameter used in the model's own code (scale)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -91,7 +92,10 @@ def _users_loader(data_loader):
 
 def _uncompiled(module: nn.Module) -> nn.Module:
     """The model a torch.compile wrapper runs: dpspeed's hooks go on it, and the wrapper, returned
-    as it was given, compiles its forward with them (they run outside the graph)."""
+    as it was given, compiles its forward with them (they run outside the graph). Graphs compiled
+    before are dropped: dynamo does not guard on module hooks, and would run them without."""
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
     return getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
 
 

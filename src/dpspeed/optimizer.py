@@ -68,9 +68,8 @@ class _GrantedGradients:
                     f"parameter {name!r} received a gradient from autograd, which no example's clipping bounds. "
                     "Either a term of the loss uses the parameters themselves (a weight penalty such as "
                     "lambda * w.square().sum(): use the optimizer's weight_decay instead, which looks at no data), "
-                    "or the forward pass ran without dpspeed's hooks (a torch.compile graph compiled for another "
-                    "copy of the model reused without them, or a call that bypasses module hooks: compile only "
-                    "after make_private and only the private model, or run it uncompiled)"
+                    "or the forward pass ran without dpspeed's hooks (a call that bypasses module hooks, such as "
+                    "model.forward(x) instead of model(x), or another copy of the model)"
                 )
 
 

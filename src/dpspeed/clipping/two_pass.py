@@ -89,6 +89,11 @@ class DPLossValue:
         optimizer = self.loss.optimizer
         tapped = optimizer.controller.take_tapped()
         recordings = optimizer.controller.take_recordings_now()
+        if not recordings:
+            raise RuntimeError(
+                "the loss's forward pass recorded nothing: it ran without dpspeed's hooks (another copy of the "
+                "model, or a call that bypasses module hooks, such as model.forward(x) instead of model(x)), so no "
+                "example could be clipped. Compute the loss from the model make_private returned")
         if any(t.dtype in (torch.bfloat16, torch.float16) for t in tapped):
             raise ValueError(
                 "ghost and mix-ghost take the clipped sum from autograd's weight gradients, which 16-bit autocast "
