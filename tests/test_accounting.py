@@ -265,3 +265,46 @@ def test_a_refused_two_pass_step_leaves_no_gradient_behind():
             criterion(model(x), y).backward()
             optimizer.step()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_calibration_after_steps_already_spent_reaches_the_target_over_the_whole_run():
+    spent = [[1.2, 0.25, 4]]
+    sigma = noise_for_epsilon(3.0, 1e-3, 0.25, 6, spent=spent)
+    assert 2.99 < epsilon_at("pld", sigma, 0.25, 6, 1e-3, spent) <= 3.0 * 1.0001
+    assert epsilon_at("pld", sigma * 0.99, 0.25, 6, 1e-3, spent) > 3.0
+    with pytest.raises(ValueError, match="already spent"):
+        noise_for_epsilon(1.0, 1e-3, 0.25, 6, spent=spent)
+
+
+def _calibrated_run(epochs: int, state: dict | None = None) -> PrivacyEngine:
+    """make_private_with_epsilon for `epochs` (after the run `state` was saved from), then its steps."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    data = DataLoader(TensorDataset(torch.randn(40, 3), torch.randn(40, 1)), batch_size=10)
+    engine = PrivacyEngine()
+    m, opt, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data, target_epsilon=3.0,
+        target_delta=1e-3, epochs=epochs, max_grad_norm=1.0)
+    if state is not None:
+        engine.load_state_dict(state)
+    while engine.accountant.steps < epochs * len(data):
+        for x, y in loader:
+            (m(x) - y).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if engine.accountant.steps == epochs * len(data):
+                break
+    return engine
+
+
+def test_a_run_resumed_with_a_longer_horizon_ends_within_its_target():
+    """The noise was calibrated for the whole horizon as if no step had been taken: "one more
+    epoch" resumed from a checkpoint ended at epsilon 3.6 for a target of 3."""
+    first = _calibrated_run(epochs=1)
+    resumed = _calibrated_run(epochs=2, state=first.state_dict())
+    assert resumed.accountant.steps == 8
+    assert resumed.noise_multiplier > first.noise_multiplier
+    assert 2.97 < resumed.get_epsilon(1e-3) <= 3.0 * 1.0001
+    same_horizon = _calibrated_run(epochs=1, state={**first.state_dict(), "accountant": {
+        "kind": "pld", "history": [[first.noise_multiplier, 0.25, 2]]}, "logical_steps": 2})
+    assert same_horizon.accountant.history == [[first.noise_multiplier, 0.25, 4]]  # the noise kept as it was

@@ -4,6 +4,7 @@ Gaussian steps, turned into (epsilon, delta) by its PLD or RDP accountant."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 import logging
 import math
 
@@ -198,27 +199,47 @@ class BudgetGuard:
 MAX_TARGET_EPSILON = 100.0
 
 
-def epsilon_at(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """epsilon after `steps` Poisson-sampled Gaussian steps, by the `kind` accountant."""
+def epsilon_at(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+               spent: Sequence[list] = ()) -> float:
+    """epsilon after `steps` Poisson-sampled Gaussian steps (after the runs `spent`), by the `kind` accountant."""
     accountant = _fresh(kind)
     with _quiet_absl():
-        accountant.compose(dp_event(noise_multiplier, sample_rate, steps))
+        accountant.compose(_after(spent, noise_multiplier, sample_rate, steps))
         return float(accountant.get_epsilon(delta))
 
 
-def _pld_bracket(upper: float, target_epsilon: float, delta: float, sample_rate: float, steps: int):
+def _pld_upper(target_epsilon: float, delta: float, sample_rate: float, steps: int, spent: Sequence[list]) -> float:
+    """A noise multiplier that PLD's epsilon stays within the target at, by doubling."""
+    sigma = 1.0
+    while epsilon_at("pld", sigma, sample_rate, steps, delta, spent) > target_epsilon:
+        if sigma > 1e6:
+            raise ValueError(f"no noise multiplier gives epsilon={target_epsilon}; check the target")
+        sigma *= 2
+    return sigma
+
+
+def _pld_bracket(upper: float, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                 spent: Sequence[list]):
     """An interval around PLD's answer below RDP's (`upper`, never below it): halved until PLD's
     epsilon at its lower end exceeds the target."""
     lower = 0.5 * upper
     for _ in range(30):
-        if epsilon_at("pld", lower, sample_rate, steps, delta) > target_epsilon:
+        if epsilon_at("pld", lower, sample_rate, steps, delta, spent) > target_epsilon:
             return dp_accounting.ExplicitBracketInterval(lower, upper * 1.0001)
         upper, lower = lower, 0.5 * lower
     raise ValueError(f"no noise multiplier above {lower:.3g} gives epsilon={target_epsilon}; check the target")
 
 
-def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "pld") -> float:
-    """The smallest noise multiplier that gives at most `target_epsilon` after `steps` steps."""
+def _after(spent: Sequence[list], noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """The runs of `spent` ([sigma, q, steps] each), then `steps` steps at (noise_multiplier, sample_rate)."""
+    upcoming = dp_event(noise_multiplier, sample_rate, steps)
+    return dp_accounting.ComposedDpEvent([dp_event(*run) for run in spent] + [upcoming]) if spent else upcoming
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "pld",
+                      spent: Sequence[list] = ()) -> float:
+    """The smallest noise multiplier that gives at most `target_epsilon` after `steps` steps, which
+    come after the runs already `spent` ([sigma, q, steps] each, an accountant's history)."""
     if not 0 < target_epsilon <= MAX_TARGET_EPSILON:
         raise ValueError(
             f"target_epsilon must be in (0, {MAX_TARGET_EPSILON:g}], got {target_epsilon}: above that the guarantee "
@@ -228,12 +249,18 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
         raise ValueError(f"target_delta must be in (0, 1), got {delta}")
     if steps < 1:
         raise ValueError(f"the training must take at least one step, got {steps}")
+    if spent:
+        already = Accountant(kind)
+        already.history = [list(run) for run in spent]
+        if already.get_epsilon(delta) >= target_epsilon:
+            raise ValueError(f"the {already.steps} steps taken already spent epsilon = "
+                             f"{already.get_epsilon(delta):.4g} >= target_epsilon = {target_epsilon:g}")
 
     def calibrate(accountant: str, bracket) -> float:
         return float(
             dp_accounting.calibrate_dp_mechanism(
                 lambda: _fresh(accountant),
-                lambda sigma: dp_event(sigma, sample_rate, steps),
+                lambda sigma: _after(spent, sigma, sample_rate, steps),
                 target_epsilon,
                 delta,
                 bracket_interval=bracket,
@@ -243,10 +270,15 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
 
     with _quiet_absl():
         # RDP is fast and never below PLD's answer: it brackets the (slower, tighter) PLD search
-        upper = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
+        try:
+            upper = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
+        except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError:  # RDP's epsilon of `spent` alone above the target
+            if kind == "rdp":
+                raise ValueError(f"the steps taken already spent RDP's epsilon >= {target_epsilon:g}") from None
+            upper = _pld_upper(target_epsilon, delta, sample_rate, steps, spent)
         if kind == "rdp":
             return upper
-        return calibrate("pld", _pld_bracket(upper, target_epsilon, delta, sample_rate, steps))
+        return calibrate("pld", _pld_bracket(upper, target_epsilon, delta, sample_rate, steps, spent))
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from . import _checks
-from .accounting import Accountant, BudgetGuard, noise_for_epsilon
+from .accounting import Accountant, BudgetGuard, epsilon_at, noise_for_epsilon
 from .capture.hooks import Controller
 from .clipping.config import ClippingConfig
 from .clipping.early_release import EarlyRelease
@@ -157,6 +157,7 @@ class PrivacyEngine:
         self._resumed = False  # the optimizer continues an earlier training (its state, or a private checkpoint)
         self._restored = False  # load_state_dict was called
         self._watchers: list[tuple[Callable[[StepMetrics], None], float | None, int]] = []
+        self._target: tuple[float, float, int] | None = None  # make_private_with_epsilon's (epsilon, delta, steps)
 
     # ------------------------------------------------------------------------------------ setup
     def make_private(
@@ -304,7 +305,31 @@ class PrivacyEngine:
         total_steps = steps if steps is not None else epochs * len(data_loader)
         sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps, self.accountant.kind)
         logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps", sigma, target_epsilon, total_steps)
-        return self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
+        private = self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
+        self._target = (target_epsilon, target_delta, total_steps)
+        return private
+
+    def _keep_the_target(self) -> None:
+        """After a restored history: the noise of make_private_with_epsilon raised, where needed, so
+        that the steps taken and those left to its horizon end within its target epsilon."""
+        target, delta, total = self._target
+        left, sigma = total - self.accountant.steps, self.optimizer.noise_multiplier
+        spent = self.accountant.history
+        if left < 1:
+            logger.warning("dpspeed: the restored run took all %d steps its noise was calibrated for: each further "
+                           "step spends beyond epsilon=%g (max_epsilon= stops it)", self.accountant.steps, target)
+            return
+        if epsilon_at(self.accountant.kind, sigma, self.sample_rate, left, delta, spent) <= target:
+            return
+        try:
+            raised = noise_for_epsilon(target, delta, self.sample_rate, left, self.accountant.kind, spent)
+        except ValueError as error:
+            logger.warning("dpspeed: the restored run cannot end within epsilon=%g (%s); the noise stays %.4g",
+                           target, error, sigma)
+            return
+        self.optimizer.noise_multiplier = raised
+        logger.warning("dpspeed: the restored run took %d steps; the noise multiplier is now %.4g (was %.4g) so "
+                       "that the %d steps left end at epsilon=%g", self.accountant.steps, raised, sigma, left, target)
 
     def _account_step(self) -> None:
         self.accountant.step(self.optimizer.noise_multiplier, self.sample_rate)
@@ -387,11 +412,14 @@ class PrivacyEngine:
     def load_state_dict(self, state: dict) -> None:
         """Continue a run: its accountant and step count; and, from a reproducible run's checkpoint,
         its random streams. Otherwise this engine's own streams, seeded from fresh entropy, go on:
-        a resumed run never repeats the noise it added before."""
+        a resumed run never repeats the noise it added before. After make_private_with_epsilon the
+        noise is raised where the restored steps and those left to its horizon would exceed the target."""
         self.accountant.load_state_dict(state["accountant"])
         self._restored = True
         if self.optimizer is not None:
             self.optimizer.logical_steps = state["logical_steps"]
+            if self._target is not None and self.poisson_sampling:
+                self._keep_the_target()
         if "random" in state and self.optimizer is not None:
             self.data_loader.load_state_dict(state["random"]["sampler"])
             self.optimizer.noise.load_state_dict(state["random"]["noise"])
