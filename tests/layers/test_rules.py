@@ -151,7 +151,9 @@ def test_layers_on_one_input_share_its_gram_matrix(monkeypatch):
     got, engine = private_grads(model, _loss(weights, "sum"), (x,), max_grad_norm=0.5, clipping_mode="bk",
                                 loss_reduction="sum")
     engine.detach()
-    grams = [shape for shape in calls if shape[0] == len(x)]  # (the clipped sums are one (1, p, BT) product each)
+    # a Gram's left operand is (B, T, k); the clipped sums are one (1, p, BT) product each, and the
+    # dot products of flattened Grams and of bias terms (B, 1, k)
+    grams = [shape for shape in calls if shape[0] == len(x) and shape[1] == x.shape[1]]
     assert len(grams) == 1 + 3  # one Gram of the shared input, one of each output gradient
     assert_close(got, reference_sum(grads, [list(grads[0])], [0.5], "abadi"), 1e-6)
 

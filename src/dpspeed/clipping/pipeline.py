@@ -123,16 +123,32 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
                     _add(rounding, binding.params[n], to_acc(v))
     for name, g in explicit.items():
         _add(sq_norms, name, torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc_dtype(g.dtype)).square())
-    for name, extra in rounding.items():
-        sq_norms[name] = (sq_norms[name].sqrt() + extra).square()
+    if rounding:  # (n + extra)^2 for every such parameter at once
+        names = list(rounding)
+        raised = (_stacked([sq_norms[n] for n in names]).sqrt() + _stacked([rounding[n] for n in names])).square()
+        sq_norms.update(zip(names, raised.unbind(0)))
     return sq_norms, explicit
+
+
+def _stacked(rows: list[torch.Tensor]) -> torch.Tensor:
+    """(len(rows), batch), in the widest of their dtypes."""
+    dtype = rows[0].dtype
+    for row in rows[1:]:
+        dtype = torch.promote_types(dtype, row.dtype)
+    return torch.stack([row.to(dtype) for row in rows])
 
 
 def _group_norms(sq_norms: Sums, grouping: Grouping, batch: int) -> torch.Tensor:
     """(groups, batch): the norm of each example's gradient over each group's parameters."""
     device = next(iter(sq_norms.values())).device if sq_norms else torch.device("cpu")
-    zeros = torch.zeros(batch, device=device)
-    return torch.stack([sum((sq_norms[n] for n in names if n in sq_norms), zeros) for names in grouping.groups]).sqrt()
+    totals = []
+    for names in grouping.groups:
+        members = [sq_norms[n] for n in names if n in sq_norms]
+        if len(members) > 1:
+            totals.append(_stacked(members).sum(0))
+        else:
+            totals.append(members[0] if members else torch.zeros(batch, device=device))
+    return _stacked(totals).sqrt()
 
 
 @torch.no_grad()

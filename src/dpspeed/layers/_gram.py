@@ -41,7 +41,7 @@ def ghost_sq_norm_and_spread(a: torch.Tensor, g: torch.Tensor,
         return product, product.sqrt()
     if fused.available(a, g):
         inner, m = fused.ghost_sq_norm_and_spread(a, g)
-        return inner.clamp(min=0) + gram_error(torch.float32) * m.square(), m
+        return torch.addcmul(inner.clamp(min=0), m, m, value=gram_error(torch.float32)), m
     key = ("gram", a.dtype)  # layers on one input may compute in different dtypes (autocast off for one)
     gram_a = shared.get(key) if shared is not None else None
     if gram_a is None:
@@ -49,9 +49,11 @@ def ghost_sq_norm_and_spread(a: torch.Tensor, g: torch.Tensor,
         if shared is not None:
             shared[key] = gram_a
     gram_g = gram(g)
-    inner = torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1)).clamp(min=0)
+    batch = gram_g.shape[0]
+    with exact_float32_matmuls():  # one batched dot product of the flattened Grams
+        inner = torch.bmm(gram_a.view(batch, 1, -1), gram_g.view(batch, -1, 1)).view(batch).clamp(min=0)
     m = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)
-    return inner + gram_error(gram_g.dtype) * m.square(), m
+    return torch.addcmul(inner, m, m, value=gram_error(gram_g.dtype)), m
 
 
 def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
@@ -65,6 +67,13 @@ def spread(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     norms_a = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32 if a.dtype != torch.float64 else None)
     norms_g = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32 if g.dtype != torch.float64 else None)
     return (norms_a * norms_g).sum(1)
+
+
+def squared_row_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_i||^2 for x (B, k), in float32 (float64 for float64): one batched dot product."""
+    x = to_acc(x)
+    with exact_float32_matmuls():
+        return torch.bmm(x.unsqueeze(1), x.unsqueeze(2)).view(x.shape[0])
 
 
 def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

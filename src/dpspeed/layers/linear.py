@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import clipped_matmul, ghost_sq_norm_and_spread, spread
-from .precision import accumulation_roundoff, compute_dtype, product_roundoff, to_acc, weighted_sum
+from ._gram import clipped_matmul, ghost_sq_norm_and_spread, spread, squared_row_norms
+from .precision import accumulation_roundoff, compute_dtype, product_roundoff, weighted_sum
 from .rule import LayerRule
 
 
@@ -30,9 +30,14 @@ def linear_costs(a: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
     return 2.0 * positions**2 * (d + p), float(positions * d * p)
 
 
-def bias_terms(g: torch.Tensor) -> torch.Tensor:
-    """Per-sample bias gradients: the output gradient summed over positions, (B, p)."""
-    return g.sum(1)
+def bias_terms(g: torch.Tensor, call: Call | None = None) -> torch.Tensor:
+    """Per-sample bias gradients: the output gradient summed over positions, (B, p); formed once
+    per `call` (its norm and its clipped sum read the same)."""
+    if call is None:
+        return g.sum(1)
+    if "bias terms" not in call.cache:
+        call.cache["bias terms"] = g.sum(1)
+    return call.cache["bias terms"]
 
 
 class LinearRule(LayerRule):
@@ -53,7 +58,7 @@ class LinearRule(LayerRule):
         if "weight" in names:
             out["weight"], call.cache["spread"] = ghost_sq_norm_and_spread(a, g, call.shared)
         if "bias" in names:
-            out["bias"] = to_acc(bias_terms(g)).square().sum(1)
+            out["bias"] = squared_row_norms(bias_terms(g, call))
         return out
 
     def clipped_sum(self, module: nn.Linear, call: Call, names, factors) -> dict[str, torch.Tensor]:
@@ -62,7 +67,7 @@ class LinearRule(LayerRule):
         if "weight" in names:
             out["weight"] = clipped_matmul(a, g, factors["weight"])
         if "bias" in names:
-            out["bias"] = weighted_sum(factors["bias"], bias_terms(g))
+            out["bias"] = weighted_sum(factors["bias"], bias_terms(g, call))
         return out
 
     def sum_rounding(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
