@@ -17,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ..capture.records import Binding, Call, Recording
-from ..layers.precision import acc_dtype, to_acc, weighted_sum
+from ..layers.precision import squared_row_norms, to_acc, weighted_sum
 from ..profiling import section
 from .config import ClippingConfig
 from .groups import Grouping
@@ -122,7 +122,7 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
                 for n, v in binding.rule.sum_rounding(binding.module, call, local).items():
                     _add(rounding, binding.params[n], to_acc(v))
     for name, g in explicit.items():
-        _add(sq_norms, name, torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc_dtype(g.dtype)).square())
+        _add(sq_norms, name, squared_row_norms(g))
     if rounding:  # (n + extra)^2 for every such parameter at once
         names = list(rounding)
         raised = (_stacked([sq_norms[n] for n in names]).sqrt() + _stacked([rounding[n] for n in names])).square()

@@ -69,13 +69,6 @@ def spread(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (norms_a * norms_g).sum(1)
 
 
-def squared_row_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_i||^2 for x (B, k), in float32 (float64 for float64): one batched dot product."""
-    x = to_acc(x)
-    with exact_float32_matmuls():
-        return torch.bmm(x.unsqueeze(1), x.unsqueeze(2)).view(x.shape[0])
-
-
 def clipped_matmul(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """sum_i factors[i] * g_i^T a_i for a (B, T, d), g (B, T, p): one (p, BT) x (BT, d) product,
     the factors folded into the smaller of the two operands."""

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import clipped_matmul, ghost_sq_norm_and_spread, spread, squared_row_norms
-from .precision import accumulation_roundoff, compute_dtype, product_roundoff, weighted_sum
+from ._gram import clipped_matmul, ghost_sq_norm_and_spread, spread
+from .precision import accumulation_roundoff, compute_dtype, product_roundoff, squared_row_norms, weighted_sum
 from .rule import LayerRule
 
 

@@ -161,6 +161,16 @@ def accumulated_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.mm(to_acc(x), to_acc(y))
 
 
+def squared_row_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_i||^2 for x (B, ...), in float32 (float64 for float64): one batched dot product of each
+    row with itself (16-bit rows: a norm accumulated in float32, their cast fused into it)."""
+    flat = x.reshape(x.shape[0], -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(flat, dim=1, dtype=acc_dtype(flat.dtype)).square()
+    with exact_float32_matmuls():
+        return torch.bmm(flat.unsqueeze(1), flat.unsqueeze(2)).view(flat.shape[0])
+
+
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     """sum_i factors[i] * per_sample[i]: one matrix product in the per-sample dtype, accumulated
     and returned in float32 or better."""
