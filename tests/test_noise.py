@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+import pytest
 import torch
 
 from dpspeed.noise import TAIL_RADIUS, NoiseSource, exponential, gaussian
@@ -109,12 +110,22 @@ def test_a_seeded_run_resumed_from_its_checkpoint_continues_its_streams_exactly(
     assert all(torch.equal(a, b) for a, b in zip(later, uninterrupted[2:]))
 
 
-def test_the_exponential_continues_past_the_end_of_the_float64_grid():
+@pytest.mark.parametrize("branch_free", [True, False])
+def test_the_exponential_continues_past_the_end_of_the_float64_grid(branch_free):
     """A draw at the grid's smallest value stands for all of Exp(1) beyond 53 ln 2: it continues
-    with the next draw, once per round."""
-    script = iter([torch.tensor([0.5, 1 - 2.0**-53, 1 - 2.0**-53]), torch.tensor([0.9, 0.25, 1 - 2.0**-53]),
-                   torch.tensor([0.9, 0.9, 0.75])])
-    x = exponential(3, lambda n: next(script).double())
+    with the next draw, once per round. Branch-free (a GPU), every round draws for all; otherwise
+    (the CPU) only for the draws still going."""
+    rounds = ([[0.5, 1 - 2.0**-53, 1 - 2.0**-53], [0.9, 0.25, 1 - 2.0**-53], [0.9, 0.9, 0.75]] if branch_free
+              else [[0.5, 1 - 2.0**-53, 1 - 2.0**-53], [0.25, 1 - 2.0**-53], [0.75]])
+    script = iter(torch.tensor(r, dtype=torch.float64) for r in rounds)
+
+    def uniform(n: int) -> torch.Tensor:
+        drawn = next(script)
+        assert drawn.numel() == n
+        return drawn.clone()
+
+    x = exponential(3, uniform, branch_free)
+    assert next(script, None) is None
     end = 53 * math.log(2)
     assert torch.allclose(x, torch.tensor([-math.log(0.5), end - math.log(0.75), 2 * end - math.log(0.25)],
                                           dtype=torch.float64))

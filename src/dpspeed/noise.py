@@ -42,7 +42,7 @@ ROUNDS = 3
 TAIL_RADIUS = math.sqrt(2 * ROUNDS * GRID_END)
 #: coordinates drawn at once: the temporaries take 8 bytes per coordinate of a chunk, a few MB on
 #: the CPU; a GPU takes larger chunks, in fewer kernel launches
-_CHUNK = {"cpu": 1 << 16}
+_CHUNK = {"cpu": 1 << 18}
 _DEVICE_CHUNK = 1 << 22
 
 Uniform = Callable[[int], torch.Tensor]  # n -> n float64 draws, uniform on [0, 1)
@@ -79,22 +79,37 @@ def sampling_seed(seed: int | None, rank: int) -> int:
     return (seed if seed is not None else draw_seed()) + rank
 
 
-def exponential(n: int, uniform: Uniform) -> torch.Tensor:
+def exponential(n: int, uniform: Uniform, branch_free: bool | None = None) -> torch.Tensor:
     """n draws of Exp(1) in float64, support up to ROUNDS·GRID_END. -ln(1 - U) stops at GRID_END,
     where 1 - U reaches the grid's smallest value (the mass of Exp(1) beyond that point, 2^-53);
-    such a draw continues with a fresh one, since X given X >= t is t + Exp(1). Without any
-    data-dependent branch, so nothing waits for the device; in place, so that at most two float64
-    tensors of n are alive."""
-    x = uniform(n).neg_().add_(1.0)  # 1 - U, in (0, 1]
-    going = x <= 2.0**-53
-    x.log_().neg_().masked_fill_(going, GRID_END)
+    such a draw continues with a fresh one, since X given X >= t is t + Exp(1). On a GPU without
+    any data-dependent branch (`branch_free`), so nothing waits for the device: every round draws
+    n; on the CPU, where a branch waits for nothing, a round draws only for the draws still going
+    (almost never one). In place, so that at most two float64 tensors of n are alive."""
+    x, going = _round(uniform(n))
+    if branch_free is None:
+        branch_free = x.device.type != "cpu"
     for _ in range(ROUNDS - 1):
-        more = uniform(n).neg_().add_(1.0)
-        at_end = more <= 2.0**-53
-        more.log_().neg_().masked_fill_(at_end, GRID_END).masked_fill_(~going, 0.0)
-        x.add_(more)
-        going &= at_end
+        if branch_free:
+            more, at_end = _round(uniform(n))
+            x.add_(more.masked_fill_(~going, 0.0))
+            going &= at_end
+            continue
+        where = going.nonzero().view(-1)
+        if not where.numel():
+            break
+        more, at_end = _round(uniform(where.numel()))
+        x.index_add_(0, where, more)
+        going = torch.zeros_like(going).index_fill_(0, where[at_end], True)
     return x
+
+
+def _round(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-ln(1 - u) for uniform draws u, GRID_END where 1 - u is the grid's smallest value (which
+    also says where the draw goes on)."""
+    u.neg_().add_(1.0)  # 1 - U, in (0, 1]
+    at_end = u <= 2.0**-53
+    return u.log_().neg_().masked_fill_(at_end, GRID_END), at_end
 
 
 def gaussian(n: int, uniform: Uniform, dtype: torch.dtype = torch.float64) -> torch.Tensor:
