@@ -4,9 +4,9 @@ Gaussian steps, turned into (epsilon, delta) by its PLD or RDP accountant."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 import logging
 import math
+from collections.abc import Sequence
 
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
@@ -272,7 +272,7 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
         # RDP is fast and never below PLD's answer: it brackets the (slower, tighter) PLD search
         try:
             upper = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
-        except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError:  # RDP's epsilon of `spent` alone above the target
+        except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError:  # RDP's epsilon of `spent` is above it
             if kind == "rdp":
                 raise ValueError(f"the steps taken already spent RDP's epsilon >= {target_epsilon:g}") from None
             upper = _pld_upper(target_epsilon, delta, sample_rate, steps, spent)
