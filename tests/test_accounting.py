@@ -276,16 +276,19 @@ def test_calibration_after_steps_already_spent_reaches_the_target_over_the_whole
         noise_for_epsilon(1.0, 1e-3, 0.25, 6, spent=spent)
 
 
-def _calibrated_run(epochs: int, state: dict | None = None) -> PrivacyEngine:
-    """make_private_with_epsilon for `epochs` (after the run `state` was saved from), then its steps."""
+def _calibrated_run(epochs: int, state: dict | None = None, load_first: bool = False) -> PrivacyEngine:
+    """make_private_with_epsilon for `epochs` (after the run `state` was saved from, loaded before
+    or after it), then its steps."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     data = DataLoader(TensorDataset(torch.randn(40, 3), torch.randn(40, 1)), batch_size=10)
     engine = PrivacyEngine()
+    if state is not None and load_first:
+        engine.load_state_dict(state)
     m, opt, loader = engine.make_private_with_epsilon(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data, target_epsilon=3.0,
         target_delta=1e-3, epochs=epochs, max_grad_norm=1.0)
-    if state is not None:
+    if state is not None and not load_first:
         engine.load_state_dict(state)
     while engine.accountant.steps < epochs * len(data):
         for x, y in loader:
@@ -297,14 +300,39 @@ def _calibrated_run(epochs: int, state: dict | None = None) -> PrivacyEngine:
     return engine
 
 
-def test_a_run_resumed_with_a_longer_horizon_ends_within_its_target():
+@pytest.mark.parametrize("load_first", [False, True], ids=["loaded-after", "loaded-before"])
+def test_a_run_resumed_with_a_longer_horizon_ends_within_its_target(load_first):
     """The noise was calibrated for the whole horizon as if no step had been taken: "one more
-    epoch" resumed from a checkpoint ended at epsilon 3.6 for a target of 3."""
+    epoch" resumed from a checkpoint ended at epsilon 3.6 for a target of 3 (whether the state was
+    loaded after make_private_with_epsilon or before it)."""
     first = _calibrated_run(epochs=1)
-    resumed = _calibrated_run(epochs=2, state=first.state_dict())
+    resumed = _calibrated_run(epochs=2, state=first.state_dict(), load_first=load_first)
     assert resumed.accountant.steps == 8
     assert resumed.noise_multiplier > first.noise_multiplier
     assert 2.97 < resumed.get_epsilon(1e-3) <= 3.0 * 1.0001
     same_horizon = _calibrated_run(epochs=1, state={**first.state_dict(), "accountant": {
         "kind": "pld", "history": [[first.noise_multiplier, 0.25, 2]]}, "logical_steps": 2})
     assert same_horizon.accountant.history == [[first.noise_multiplier, 0.25, 4]]  # the noise kept as it was
+
+
+def test_a_horizon_the_restored_run_already_reached_is_refused():
+    first = _calibrated_run(epochs=1)
+    with pytest.raises(ValueError, match="already took 4 steps, and the horizon is 4"):
+        _calibrated_run(epochs=1, state=first.state_dict(), load_first=True)
+
+
+def test_an_explicit_noise_multiplier_is_not_recalibrated_for_an_earlier_target():
+    """An engine once made private with make_private_with_epsilon, detached and attached again with
+    noise_multiplier=0.4: load_state_dict rewrote the 0.4 for the first call's target."""
+    data = DataLoader(TensorDataset(torch.randn(40, 3), torch.randn(40, 1)), batch_size=10)
+    engine = PrivacyEngine()
+    first = nn.Linear(3, 1)
+    engine.make_private_with_epsilon(module=first, optimizer=torch.optim.SGD(first.parameters(), lr=0.1),
+                                     data_loader=data, target_epsilon=3.0, target_delta=1e-3, epochs=1,
+                                     max_grad_norm=1.0)
+    engine.detach()
+    second = nn.Linear(3, 1)
+    _, optimizer, _ = engine.make_private(module=second, optimizer=torch.optim.SGD(second.parameters(), lr=0.1),
+                                          data_loader=data, noise_multiplier=0.4, max_grad_norm=1.0)
+    engine.load_state_dict({"accountant": {"kind": "pld", "history": [[2.0, 0.25, 2]]}, "logical_steps": 2})
+    assert optimizer.noise_multiplier == 0.4

@@ -640,6 +640,24 @@ def test_a_two_pass_loss_without_a_recorded_forward_pass_is_refused():
         criterion(m.forward(x), y).backward()
 
 
+def test_a_second_two_pass_backward_through_one_forward_pass_is_refused_as_such():
+    """An auxiliary loss backpropagated on its own after the first: its examples were clipped once
+    already. The refusal used to blame missing hooks."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=8)
+    _, (m, opt, criterion, loader) = _private(model, data_loader=data, criterion=nn.CrossEntropyLoss(),
+                                              clipping_mode="ghost", poisson_sampling=False)
+    x, y = next(iter(loader))
+    out = m(x)
+    criterion(out, y).backward()
+    with pytest.raises(RuntimeError, match="a second backward pass through the same forward pass"):
+        criterion(out, y).backward()
+    opt.step()
+    opt.zero_grad()
+    criterion(m(x), y).backward()  # the next physical batch is clipped as usual
+    assert all(p.grad is not None for p in model.parameters())
+
+
 class _EveryKindOfHook(nn.Module):
     """A layer rule's tap (Linear), a recurrent layer's routed forward (GRU) and the op taps of a
     bare parameter used in the model's own code (scale)."""

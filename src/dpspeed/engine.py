@@ -253,6 +253,7 @@ class PrivacyEngine:
         """What make_private attached, and the N and q the accountant uses."""
         self.controller, self.optimizer, self.data_loader = dp_optimizer.controller, dp_optimizer, loader
         self.clipping, self.poisson_sampling, self._module = dp_optimizer.clipping, poisson_sampling, module
+        self._target = None  # make_private_with_epsilon sets its own
         self._resumed = bool(optimizer.state) or any(g.get(PRIVATE_MARK) for g in optimizer.param_groups)
         self.examples = population_size(data_loader, poisson_sampling)  # N
         self.sample_rate = data_loader.batch_size / self.examples
@@ -292,7 +293,8 @@ class PrivacyEngine:
         **kwargs,
     ):
         """make_private with the smallest noise multiplier reaching `target_epsilon` after
-        `epochs` epochs (or `steps` logical batches)."""
+        `epochs` epochs (or `steps` logical batches). After load_state_dict, the horizon counts the
+        restored steps, and the noise of the steps left is calibrated on top of them."""
         if "noise_multiplier" in kwargs:
             raise ValueError("give target_epsilon or noise_multiplier, not both")
         if (epochs is None) == (steps is None):
@@ -303,8 +305,14 @@ class PrivacyEngine:
         _warn_if_delta_is_large(target_delta, examples)
         sample_rate = data_loader.batch_size / examples
         total_steps = steps if steps is not None else epochs * len(data_loader)
-        sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps, self.accountant.kind)
-        logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps", sigma, target_epsilon, total_steps)
+        taken = self.accountant.steps
+        if taken >= total_steps:
+            raise ValueError(f"the restored run already took {taken} steps, and the horizon is {total_steps}: "
+                             "give more epochs= or steps=, counting the restored ones")
+        sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps - taken,
+                                  self.accountant.kind, self.accountant.history)
+        logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps (%d restored)", sigma,
+                    target_epsilon, total_steps, taken)
         private = self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
         self._target = (target_epsilon, target_delta, total_steps)
         return private

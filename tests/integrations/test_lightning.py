@@ -5,6 +5,8 @@ checkpoint; what it cannot make private is refused before anything runs."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -343,10 +345,12 @@ def test_a_fit_resumed_with_a_longer_horizon_ends_within_the_target(tmp_path):
     assert 2.97 < second.get_epsilon() <= 3.0 * 1.0001
 
 
-def test_the_fit_stops_before_max_epsilon():
+def test_the_fit_stops_before_max_epsilon(caplog):
     callback = DPCallback(noise_multiplier=1.5, max_grad_norm=0.3, target_delta=1e-3, max_epsilon=2.0)
     trainer = _trainer(callback, max_epochs=10)
-    trainer.fit(Classifier(), _loader())
+    with caplog.at_level(logging.INFO, logger="dpspeed"):
+        trainer.fit(Classifier(), _loader())
+    assert any(r.levelno == logging.WARNING and "stopping before step 11" in r.message for r in caplog.records)
     assert callback.engine.accountant.steps == 10 and trainer.should_stop  # epsilon 1.94 after 10 steps
     assert callback.get_epsilon() <= 2.0
     callback.engine.accountant.step(1.5, 12 / 48)
@@ -358,3 +362,32 @@ def test_batches_that_are_not_poisson_sampled_train_without_epsilon():
     trainer = _trainer(callback, max_epochs=1)
     trainer.fit(Classifier(), DataLoader(DATA, batch_size=12, shuffle=True))
     assert callback.engine.accountant.steps == 4 and "epsilon" not in trainer.callback_metrics
+    for budget in ({"target_epsilon": 3.0}, {"noise_multiplier": 0.7, "max_epsilon": 3.0}):
+        with pytest.raises(ValueError, match="need Poisson sampling"):
+            DPCallback(max_grad_norm=0.3, poisson_sampling=False, **budget)
+
+
+def test_a_fit_that_reaches_its_horizon_ends_without_a_warning(caplog):
+    """target_epsilon is spent exactly at the horizon, where the guard says the next step would
+    spend more: every fit that simply ended warned that it was stopping."""
+    callback = DPCallback(target_epsilon=3.0, target_delta=1e-3, max_grad_norm=1.0)
+    with caplog.at_level(logging.INFO, logger="dpspeed"):
+        _trainer(callback, max_epochs=2).fit(Classifier(), _loader())
+    assert callback.engine.accountant.steps == 8
+    assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("horizon are taken" in r.message for r in caplog.records)
+
+
+class _BatchNormed(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
+def test_a_fit_refused_at_make_private_may_be_retried_with_the_same_callback():
+    """The retry was refused as "another training loader", left over from the refused fit."""
+    callback = DPCallback(noise_multiplier=0.7, max_grad_norm=0.3)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        _trainer(callback, max_epochs=1).fit(_BatchNormed(), _loader())
+    _trainer(callback, max_epochs=1).fit(Classifier(), _loader())
+    assert callback.engine.accountant.steps == 4

@@ -406,6 +406,11 @@ class Controller:
         self.new_physical_batch()
         return done
 
+    @property
+    def recordings_taken(self) -> bool:
+        """Whether a backward pass already took this physical batch's recordings."""
+        return self._gradients_arrived
+
     def take_recordings_now(self) -> list[Recording]:
         """Every recording, before any gradient has arrived (the two-pass modes); forgets them. No
         further forward pass joins this physical batch."""

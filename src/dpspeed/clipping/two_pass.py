@@ -87,8 +87,14 @@ class DPLossValue:
     def _factors(self) -> torch.Tensor:
         """First pass: back to the recorded outputs only; each example's clipping factor."""
         optimizer = self.loss.optimizer
-        tapped = optimizer.controller.take_tapped()
-        recordings = optimizer.controller.take_recordings_now()
+        controller = optimizer.controller
+        taken_before = controller.recordings_taken
+        tapped, recordings = controller.take_tapped(), controller.take_recordings_now()
+        if not recordings and taken_before:
+            raise RuntimeError(
+                "a second backward pass through the same forward pass: its examples were clipped by the first one, "
+                "and would count twice. Add the losses (an auxiliary term too) into one loss, call backward() once, "
+                "then optimizer.step()")
         if not recordings:
             raise RuntimeError(
                 "the loss's forward pass recorded nothing: it ran without dpspeed's hooks (another copy of the "

@@ -102,6 +102,10 @@ class DPCallback(pl.Callback):
                              "own criterion, which Lightning's loop does not; take a one-pass mode (auto, bk, ...)")
         if "delta" in options:
             raise ValueError("DPCallback: the delta of max_epsilon is target_delta")
+        if not options.get("poisson_sampling", True) and (target_epsilon, max_epsilon) != (None, None):
+            raise ValueError("DPCallback: target_epsilon and max_epsilon need Poisson sampling: with "
+                             "poisson_sampling=False the batches are your sampler's, and there is no epsilon; give "
+                             "noise_multiplier")
         self.engine = PrivacyEngine(accountant=accountant)
         self.target_epsilon, self.target_delta, self.module_name = target_epsilon, target_delta, module
         self.max_epsilon = target_epsilon if max_epsilon is None else max_epsilon
@@ -115,6 +119,7 @@ class DPCallback(pl.Callback):
         self._guard: BudgetGuard | None = None
         self._restore_strategy: Callable[[], None] | None = None
         self._examples = 0
+        self._horizon_steps: int | None = None  # the logical steps target_epsilon is calibrated for
 
     @property
     def delta(self) -> float:
@@ -135,6 +140,7 @@ class DPCallback(pl.Callback):
             raise RuntimeError("DPCallback: a second fit with this callback; use a new DPCallback for each fit "
                                "(ckpt_path= resumes the accountant)")
         _refuse_unsupported(trainer, pl_module, self)
+        self._batches = self._guard = self._saved_state = None  # a fit that failed before make_private left them
         strategy = trainer.strategy
         process = strategy.process_dataloader
 
@@ -184,8 +190,10 @@ class DPCallback(pl.Callback):
         if self.target_epsilon is None:
             _, optimizer, loader = self.engine.make_private(**options)
         else:
+            horizon = _horizon(trainer)
+            self._horizon_steps = horizon.get("steps") or horizon["epochs"] * len(dataloader)
             _, optimizer, loader = self.engine.make_private_with_epsilon(
-                target_epsilon=self.target_epsilon, target_delta=self.delta, **_horizon(trainer), **options)
+                target_epsilon=self.target_epsilon, target_delta=self.delta, **horizon, **options)
         if self._saved_state is not None:
             self.engine.load_state_dict(self._saved_state)
         if self.max_epsilon is not None:
@@ -236,8 +244,11 @@ class DPCallback(pl.Callback):
         try:
             self._guard.check(self.engine.optimizer.noise_multiplier, self.engine.sample_rate)
         except BudgetExhausted as exhausted:
-            logger.warning("DPCallback: %s", exhausted)
             trainer.should_stop = True
+            if self._horizon_steps is not None and self.engine.accountant.steps >= self._horizon_steps:
+                logger.info("DPCallback: the %d steps of target_epsilon's horizon are taken", self._horizon_steps)
+            else:
+                logger.warning("DPCallback: %s", exhausted)
 
     # ------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
