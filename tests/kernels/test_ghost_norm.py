@@ -46,6 +46,23 @@ def test_strided_operands_are_read_in_place():
     torch.testing.assert_close(norms.double().cpu(), _reference(a, g).cpu(), rtol=2e-5, atol=0)
 
 
+def test_one_launch_takes_layers_of_different_widths_and_strides():
+    """Every layer of one (B, T, dtype) in one launch, each read through its own row of the table:
+    widths on both sides of the chunk, a strided slice, a transposed batch layout."""
+    torch.manual_seed(2)
+    wide = torch.randn(3, 41, 200, device=DEVICE)
+    layers = [(torch.randn(3, 41, 70, device=DEVICE), torch.randn(3, 41, 33, device=DEVICE)),
+              (wide[:, :, 100:172], torch.randn(41, 3, 56, device=DEVICE).transpose(0, 1)),
+              (torch.randn(3, 41, 5, device=DEVICE), torch.randn(3, 41, 130, device=DEVICE))]
+    norms, spreads = ghost_norm.ghost_sq_norms_and_spreads(layers)
+    assert norms.shape == spreads.shape == (3, 3)
+    for row, (a, g) in enumerate(layers):
+        torch.testing.assert_close(norms[row].double().cpu(), _reference(a, g).cpu(), rtol=2e-5, atol=0)
+        torch.testing.assert_close(spreads[row].cpu(), spread(a, g).cpu(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="one number of positions"):
+        ghost_norm.ghost_sq_norms_and_spreads([layers[0], (torch.randn(3, 40, 4), torch.randn(3, 40, 4))])
+
+
 def test_an_empty_batch_gives_no_norms():
     a = torch.randn(0, 5, 4, device=DEVICE)
     norms, spreads = ghost_norm.ghost_sq_norm_and_spread(a, torch.randn(0, 5, 3, device=DEVICE))
@@ -86,16 +103,16 @@ def test_training_through_the_kernel_clips_as_the_torch_path(monkeypatch, mode):
         return grads
 
     torch_path = clipped()
-    calls = []
-    original = ghost_norm.ghost_sq_norm_and_spread
+    launches = []
+    original = ghost_norm.ghost_sq_norms_and_spreads
 
-    def counted(a, g):
-        calls.append(a.shape)
-        return original(a, g)
+    def counted(operands):
+        launches.append(len(operands))
+        return original(operands)
 
     monkeypatch.setattr(ghost_norm, "available", lambda a, g: a.dtype == g.dtype and a.dtype in ghost_norm._DTYPES)
-    monkeypatch.setattr(ghost_norm, "ghost_sq_norm_and_spread", counted)
+    monkeypatch.setattr(ghost_norm, "ghost_sq_norms_and_spreads", counted)
     kernel_path = clipped()
-    assert calls, "the kernel was not used"
+    assert launches == [2], "both layers' norms in one launch"
     for name in torch_path:
         torch.testing.assert_close(kernel_path[name], torch_path[name], rtol=1e-5, atol=1e-7)

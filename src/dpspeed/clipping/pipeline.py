@@ -17,6 +17,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ..capture.records import Binding, Call, Recording
+from ..layers import keep_gram_norms
 from ..layers.precision import squared_row_norms, to_acc, weighted_sum
 from ..profiling import section
 from .config import ClippingConfig
@@ -109,6 +110,7 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
     sq_norms: Sums = {}
     explicit: Sums = {}
     rounding: Sums = {}
+    _gram_norms_together(calls, methods)
     for binding, cs in calls.items():
         local = list(binding.params)
         for call in cs:
@@ -128,6 +130,20 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
         raised = (_stacked([sq_norms[n] for n in names]).sqrt() + _stacked([rounding[n] for n in names])).square()
         sq_norms.update(zip(names, raised.unbind(0)))
     return sq_norms, explicit
+
+
+def _gram_norms_together(calls: dict[Binding, list[Call]], methods: dict[Binding, LayerMethod]) -> None:
+    """The ghost norms of every weight whose norm is one Gram inner product, taken together (one
+    fused launch per shape where the kernel runs) and kept in each call's cache for its rule."""
+    layers = []
+    for binding, cs in calls.items():
+        if methods[binding].ghost_norm:
+            for call in cs:
+                operands = binding.rule.gram_operands(binding.module, call, list(binding.params))
+                if operands is not None:
+                    layers.append((call, *operands))
+    if len(layers) > 1:
+        keep_gram_norms(layers)
 
 
 def _stacked(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,8 @@
 module types. A rule receives the recorded `Call`s of its module."""
 
 from ..capture.records import Call
+from ._gram import keep_gram_norms
 from .registry import register_rule, rule_for
 from .rule import LayerRule
 
-__all__ = ["Call", "LayerRule", "register_rule", "rule_for"]
+__all__ = ["Call", "LayerRule", "keep_gram_norms", "register_rule", "rule_for"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..capture.records import Call
 from ..kernels import ghost_norm as fused
 from .precision import (accumulated_bmm, accumulated_mm, exact_float32_matmuls, factors_in, gram_error,
                         product_operand, to_acc)
@@ -27,33 +28,81 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         return accumulated_bmm(x, x.transpose(1, 2))
 
 
-def ghost_sq_norm_and_spread(a: torch.Tensor, g: torch.Tensor,
-                             shared: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||a_i^T g_i||_F^2, M_i) for a (B, T, d), g (B, T, p). The squared norm is <a_i a_i^T, g_i g_i^T>
-    from Gram matrices in float32 (16-bit operands multiply exactly into float32 on the tensor
-    cores), raised by gram_error · M^2 for their rounding (precision.py); M = sum_t ||a_t||·||g_t||
-    comes from the Grams' diagonals, and is what a book-keeping sum's rounding scales with
-    (`spread`). `shared` keeps a_i a_i^T for the other layers fed by the same input (q, k, v).
-    With DPSPEED_FUSED_GHOST_NORM=1 on a GPU with Triton, one fused kernel computes the same
-    without any T x T matrix in memory (kernels/ghost_norm.py)."""
-    if a.shape[1] == 1:
-        product = to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
-        return product, product.sqrt()
-    if fused.available(a, g):
-        inner, m = fused.ghost_sq_norm_and_spread(a, g)
-        return torch.addcmul(inner.clamp(min=0), m, m, value=gram_error(torch.float32)), m
+def _grams(a: torch.Tensor, g: torch.Tensor, shared: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_i a_i^T, g_i g_i^T); `shared` keeps a_i a_i^T for the other layers fed by the same input
+    (q, k, v)."""
     key = ("gram", a.dtype)  # layers on one input may compute in different dtypes (autocast off for one)
     gram_a = shared.get(key) if shared is not None else None
     if gram_a is None:
         gram_a = gram(a)
         if shared is not None:
             shared[key] = gram_a
-    gram_g = gram(g)
+    return gram_a, gram(g)
+
+
+def _inner_and_diagonals(a: torch.Tensor, g: torch.Tensor, shared: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(<a_i a_i^T, g_i g_i^T> (B,), the product of the two Grams' diagonals (B, T)), from Gram
+    matrices in float32 (float64 for float64)."""
+    gram_a, gram_g = _grams(a, g, shared)
     batch = gram_g.shape[0]
     with exact_float32_matmuls():  # one batched dot product of the flattened Grams
-        inner = torch.bmm(gram_a.view(batch, 1, -1), gram_g.view(batch, -1, 1)).view(batch).clamp(min=0)
-    m = (torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)).sqrt().sum(1)
-    return torch.addcmul(inner, m, m, value=gram_error(gram_g.dtype)), m
+        inner = torch.bmm(gram_a.view(batch, 1, -1), gram_g.view(batch, -1, 1)).view(batch)
+    return inner, torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)
+
+
+def _single_position(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    product = to_acc(a).square().sum((1, 2)) * to_acc(g).square().sum((1, 2))
+    return product, product.sqrt()
+
+
+def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, dict | None]]
+                               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(||a_i^T g_i||_F^2, M_i) for each layer's a (B, T, d), g (B, T, p) (and `shared`, as in
+    `_grams`). The squared norm is <a_i a_i^T, g_i g_i^T> from Gram matrices in float32 (16-bit
+    operands multiply exactly into float32 on the tensor cores), raised by gram_error · M^2 for
+    their rounding (precision.py); M = sum_t ||a_t||·||g_t|| comes from the Grams' diagonals, and
+    is what a book-keeping sum's rounding scales with (`spread`). Layers alike in batch,
+    positions and dtype are taken together: with DPSPEED_FUSED_GHOST_NORM=1 on a GPU with Triton,
+    in one launch of the fused kernel without any T x T matrix in memory (kernels/ghost_norm.py);
+    otherwise their spreads and allowances at once."""
+    results: list = [None] * len(layers)
+    alike: dict[tuple, list[int]] = {}
+    for i, (a, g, _) in enumerate(layers):
+        if a.shape[1] == 1:
+            results[i] = _single_position(a, g)
+        else:
+            alike.setdefault((tuple(a.shape[:2]), a.dtype, g.dtype, fused.available(a, g)), []).append(i)
+    for (_, _, dtype, kernel), members in alike.items():
+        if kernel:
+            inner, m = fused.ghost_sq_norms_and_spreads([layers[i][:2] for i in members])
+            error = gram_error(torch.float32)
+        else:
+            inners, diagonals = zip(*(_inner_and_diagonals(*layers[i]) for i in members))
+            inner, diagonal = (inners[0][None], diagonals[0][None]) if len(members) == 1 else (
+                torch.stack(inners), torch.stack(diagonals))
+            m, error = diagonal.sqrt().sum(-1), gram_error(inner.dtype)
+        raised = torch.addcmul(inner.clamp(min=0), m, m, value=error)
+        for row, i in enumerate(members):
+            results[i] = (raised[row], m[row])
+    return results
+
+
+#: a call's cache key for its weight's (squared ghost norm, spread), computed with other layers'
+GRAM_NORM = "gram norm"
+
+
+def keep_gram_norms(layers: list[tuple[Call, torch.Tensor, torch.Tensor]]) -> None:
+    """`ghost_sq_norms_and_spreads` of every (call, a, g) at once, each kept in its call's cache
+    under GRAM_NORM for its rule's `ghost_sq_norms` (`LayerRule.gram_operands`)."""
+    norms = ghost_sq_norms_and_spreads([(a, g, call.shared) for call, a, g in layers])
+    for (call, _, _), norm in zip(layers, norms):
+        call.cache[GRAM_NORM] = norm
+
+
+def ghost_sq_norm_and_spread(a: torch.Tensor, g: torch.Tensor,
+                             shared: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ghost_sq_norms_and_spreads` of one layer."""
+    return ghost_sq_norms_and_spreads([(a, g, shared)])[0]
 
 
 def ghost_sq_norm(a: torch.Tensor, g: torch.Tensor, shared: dict | None = None) -> torch.Tensor:

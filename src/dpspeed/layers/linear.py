@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import clipped_matmul, ghost_sq_norm_and_spread, spread
+from ._gram import GRAM_NORM, clipped_matmul, ghost_sq_norm_and_spread, spread
 from .precision import accumulation_roundoff, compute_dtype, product_roundoff, squared_row_norms, weighted_sum
 from .rule import LayerRule
 
@@ -52,11 +52,16 @@ class LinearRule(LayerRule):
             out["bias"] = bias_terms(g)
         return out
 
+    def gram_operands(self, module: nn.Linear, call: Call, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return flatten_positions(call) if "weight" in names else None
+
     def ghost_sq_norms(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         a, g = flatten_positions(call)
         out = {}
         if "weight" in names:
-            out["weight"], call.cache["spread"] = ghost_sq_norm_and_spread(a, g, call.shared)
+            together = call.cache.pop(GRAM_NORM, None)
+            out["weight"], call.cache["spread"] = (together if together is not None
+                                                   else ghost_sq_norm_and_spread(a, g, call.shared))
         if "bias" in names:
             out["bias"] = squared_row_norms(bias_terms(g, call))
         return out

@@ -58,6 +58,13 @@ class LayerRule:
         """Squared per-example gradient norms without materialising the gradients, name -> (B,)."""
         raise NotImplementedError
 
+    def gram_operands(self, module: nn.Module, call: Call, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the weight is among `names` and its ghost norm is one Gram inner product (a
+        Linear's): its (B, T, d) and (B, T, p) operands. The pipeline computes the norms of all such
+        layers of a pass together (`keep_gram_norms`) and keeps each in its call's cache, which
+        `ghost_sq_norms` takes. None (the default): the rule computes its own."""
+        return None
+
     def clipped_sum(
         self, module: nn.Module, call: Call, names: list[str], factors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
