@@ -11,12 +11,18 @@ The issue's figure: a bk step issues at most 1.5x the operations of a non-privat
 Counted on the CPU, the ghost norms' Gram operands are not padded to 8 positions as on a GPU
 (layers/_gram.py): a GPU's bk step issues about one more operation per Gram matrix (~100 on
 ViT-base) than this count.
+
+With the fused ghost-norm kernel, as a GPU step takes it, Triton's interpreter standing in for
+the GPU (each launch counts as one operation, the interpreter's own copies none):
+
+    TRITON_INTERPRET=1 DPSPEED_FUSED_GHOST_NORM=1 python -m benchmarks.op_count --fused-kernel ...
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 from pathlib import Path
 
 import timm
@@ -25,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpspeed.bench.setups import NON_PRIVATE, Setup
 from dpspeed.bench.study import write_result
+from dpspeed.kernels import ghost_norm as fused
 from dpspeed.profiling import SectionTimer
 
 MATMUL = {"mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_convolution", "linear", "matmul",
@@ -62,10 +69,16 @@ class OpCounter(TorchDispatchMode):
         self.kernels = 0
         self.by_category: collections.Counter = collections.Counter()
         self.by_name: collections.Counter = collections.Counter()
+        self.paused = False
+
+    def count_launch(self, name: str) -> None:
+        self.kernels += 1
+        self.by_category["fused kernel"] += 1
+        self.by_name[name] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
-        kind = category(name, func, args)
+        kind = None if self.paused else category(name, func, args)
         if kind is not None:
             self.kernels += 1
             self.by_category[kind] += 1
@@ -73,11 +86,35 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _CountedLaunches:
+    """The fused kernel with each launch counted as one operation and the interpreter's copies not."""
+
+    def __init__(self, kernel, counter: OpCounter):
+        self.kernel, self.counter = kernel, counter
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counter.count_launch("ghost_norm_kernel")
+            self.counter.paused = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.counter.paused = False
+        return launch
+
+
 def count_step(setup: Setup, x: torch.Tensor, y: torch.Tensor, precision: str) -> dict:
     counter = OpCounter()
     timer = SectionTimer("cpu", clock=lambda: float(counter.kernels))  # exclusive op counts per section
-    with timer, counter:
-        setup.step(x, y, precision, last=True)
+    kernel = fused._ghost_norm_kernel if fused.triton is not None else None
+    if kernel is not None:
+        fused._ghost_norm_kernel = _CountedLaunches(kernel, counter)
+    try:
+        with timer, counter:
+            setup.step(x, y, precision, last=True)
+    finally:
+        if kernel is not None:
+            fused._ghost_norm_kernel = kernel
     return {"kernels": counter.kernels, "by_category": dict(counter.by_category.most_common()),
             "by_section": {k: int(v) for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])},
             "top_ops": dict(counter.by_name.most_common(25))}
@@ -92,7 +129,13 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--modes", nargs="+", default=["bk", "auto"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--fused-kernel", action="store_true",
+                        help="count the fused ghost-norm kernel's path (TRITON_INTERPRET=1 DPSPEED_FUSED_GHOST_NORM=1)")
     args = parser.parse_args()
+    interpreted = {os.environ.get("TRITON_INTERPRET"), os.environ.get(fused.ENABLE_VARIABLE)} == {"1"}
+    if args.fused_kernel != interpreted:
+        parser.error("--fused-kernel goes with TRITON_INTERPRET=1 DPSPEED_FUSED_GHOST_NORM=1 in the environment, "
+                     "and they with it")
     torch.manual_seed(0)
     base = timm.create_model(args.model, img_size=args.image_size, num_classes=10, embed_dim=args.width,
                              num_heads=max(1, args.width // 16))

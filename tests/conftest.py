@@ -7,7 +7,8 @@ import torch
 
 if not torch.cuda.is_available():
     # Triton kernels are defined at import: without a GPU, define them for Triton's interpreter so
-    # tests/kernels can check them on the CPU (the training path runs them on CUDA devices only)
+    # tests/kernels can check them on the CPU (the training path takes them only when
+    # DPSPEED_FUSED_GHOST_NORM=1, which a test sets where it means to)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -40,9 +40,10 @@ ENABLE_VARIABLE = "DPSPEED_FUSED_GHOST_NORM"
 
 def available(a: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the training path uses the kernel on these operands: asked for (DPSPEED_FUSED_GHOST_NORM=1),
-    Triton present, a CUDA device, one 16-bit or float32 dtype for both. (The tests also run it on
-    the CPU, under Triton's interpreter.)"""
-    return (os.environ.get(ENABLE_VARIABLE) == "1" and triton is not None and a.is_cuda and a.dtype == g.dtype
+    Triton present, a CUDA device (or Triton's interpreter standing in for one, TRITON_INTERPRET=1:
+    the tests, and counting a GPU step's operations on a CPU), one 16-bit or float32 dtype for both."""
+    device_ok = a.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (os.environ.get(ENABLE_VARIABLE) == "1" and triton is not None and device_ok and a.dtype == g.dtype
             and a.dtype in _DTYPES)
 
 
