@@ -10,6 +10,7 @@ from dpspeed import PrivacyEngine
 from dpspeed.capture.bindings import bind_parameters
 from dpspeed.clipping.early_release import release_units
 from dpspeed.clipping.groups import make_grouping
+from dpspeed.testing import check_model
 
 
 def _held_when_first_layer_gradient_arrives(style) -> int:
@@ -51,3 +52,37 @@ def test_units_join_layers_that_share_a_group():
     grouping = make_grouping([["0.weight", "1.bias"], ["0.bias", "1.weight"], ["2.weight", "2.bias"]], names, 1.0)
     units = release_units(bindings, grouping)
     assert units[bindings[0]] == units[bindings[1]] != units[bindings[2]]
+
+
+def test_a_norm_layer_keeps_its_per_example_gradients_not_its_tensors():
+    """All-layer clipping waits for the whole backward pass; a LayerNorm's (B, T, d) input and
+    output gradient are let go as soon as its gradient arrives, its (B, d) per-example gradients
+    kept instead; the clipped sums stay the one-example reference's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5, 4), torch.randn(6, 5, 3)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=0.0, max_grad_norm=1.0,
+        clipping_mode="bk", poisson_sampling=False)
+    seen = []
+
+    def watch(module, args, out):  # the LayerNorm's input, before the first Linear's gradient arrives
+        if out.requires_grad:
+            out.register_hook(lambda g: seen.extend(
+                (c.args, c.output_grads, {n: t.shape for n, t in c.per_sample.items()})
+                for cs in engine.controller.recordings[-1].values() for c in cs if c.per_sample is not None))
+
+    xb, yb = next(iter(loader))
+    with torch.no_grad():
+        model(xb)  # the first forward traces the model and installs the hooks
+    model[1].register_forward_hook(watch)
+    (model(xb) - yb).square().sum().backward()
+    assert seen == [((), [None], {"weight": (6, 8), "bias": (6, 8)})]
+    opt.step()
+    engine.detach()
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+    check_model(fresh, x.double(), y.double(), loss_fn=lambda out, t: (out - t).square().sum((1, 2)),
+                modes=["bk", "auto", "per-example"], styles=["all-layer", "layer-wise"])

@@ -324,7 +324,7 @@ class Controller:
     def _arrived(self, binding: Binding, call: Call, slot: int, grad: torch.Tensor) -> None:
         if self._paused:
             return  # a derivative taken by a check, not the training's backward pass
-        if not self.param_grads and (call.released or call.output_grads[slot] is not None):
+        if not self.param_grads and (call.released or call.per_sample is not None or call.output_grads[slot] is not None):
             raise RuntimeError(
                 "a second backward pass through the same forward pass: its gradients would reach no clipped sum. "
                 "Add the losses and call backward() once per forward pass"

@@ -41,6 +41,9 @@ class Call:
     shared: dict = field(default_factory=dict)  # one dict for all calls on the same input tensor
     cache: dict = field(default_factory=dict)  # what one rule method computed for another (per call)
     released: bool = False  # clipped, its tensors let go
+    #: its per-example gradients, formed as its output gradients arrived in place of the kept
+    #: inputs and output gradients (`condense`)
+    per_sample: dict[str, torch.Tensor] | None = None
     discarded: bool = False  # its pass was dropped before any gradient came (zero_grad, then another pass)
     #: the autocast state the call ran under: a replay of it runs under the same (records are made
     #: in the forward pass, replays in the backward pass or at the step, outside the forward's autocast)
@@ -48,17 +51,37 @@ class Call:
 
     @property
     def has_grads(self) -> bool:
-        return any(g is not None for g in self.output_grads)
+        return self.per_sample is not None or any(g is not None for g in self.output_grads)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every output gradient has arrived (or been condensed into per-example gradients)."""
+        return self.per_sample is not None or all(g is not None for g in self.output_grads)
 
     @property
     def batch_size(self) -> int:
         """The rows of the call: the leading dimension of its first output gradient."""
-        return next(g.shape[0] for g in self.output_grads if g is not None)
+        return next(g.shape[0] for g in self._row_tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return next(g.device for g in self._row_tensors())
+
+    def _row_tensors(self):
+        return iter(self.per_sample.values()) if self.per_sample is not None else (
+            g for g in self.output_grads if g is not None)
+
+    def condense(self, per_sample: dict[str, torch.Tensor]) -> None:
+        """Keep the call's per-example gradients (one row per row of the call) instead of its inputs
+        and output gradients, which are let go."""
+        self.per_sample = per_sample
+        self.args, self.kwargs, self.shared, self.cache = (), {}, {}, {}
+        self.output_grads = [None] * len(self.output_grads)
 
     def release(self) -> None:
         """Let go of the kept activations and output gradients once the call is clipped: the
         autograd graph holds this call (through its gradient hooks) until the step ends."""
-        self.args, self.kwargs, self.shared, self.cache = (), {}, {}, {}
+        self.args, self.kwargs, self.shared, self.cache, self.per_sample = (), {}, {}, {}, None
         self.output_grads = [None] * len(self.output_grads)
         self.released = True
 

@@ -5,7 +5,8 @@ clip and sum them, and let their kept activations and output gradients go.
 Layers and clipping groups form a bipartite graph; its connected components are the units that
 can be released together. With layer-wise clipping each layer is its own unit, so the kept
 tensors live only as long as that layer's part of the backward pass; with all-layer clipping the
-one unit completes at the end of the backward pass.
+one unit completes at the end of the backward pass. Norm layers do not wait for their unit: their
+small per-example gradients replace their kept tensors as their gradient arrives (`condense`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 
 from ..capture.hooks import Controller
 from ..capture.records import Binding, Call
+from ..profiling import section
 from .config import ClippingConfig
 from .groups import Grouping
 
@@ -40,7 +42,18 @@ def release_units(bindings: list[Binding], grouping: Grouping) -> dict[Binding, 
 
 
 def _complete(calls: list[Call]) -> bool:
-    return all(g is not None for c in calls for g in c.output_grads)
+    return all(c.complete for c in calls)
+
+
+def condense(binding: Binding, call: Call) -> None:
+    """A call of a rule that condenses (`LayerRule.condense`: norm layers) keeps its per-example
+    gradients instead of its input and output gradient as soon as these have arrived."""
+    rule = binding.rule
+    if rule.condense and not rule.ghost and call.complete and call.per_sample is None and not call.released:
+        with section("norms"):
+            per_sample = rule.per_sample_grads(binding.module, call, list(binding.params))
+        if per_sample:
+            call.condense(per_sample)
 
 
 class EarlyRelease:

@@ -55,7 +55,7 @@ class ClippedPass:
 
 def _per_sample(binding: Binding, call: Call) -> Sums:
     """Per-example gradients of one call, rows of one example summed when the batch was flattened."""
-    grads = binding.rule.per_sample_grads(binding.module, call, list(binding.params))
+    grads = call.per_sample or binding.rule.per_sample_grads(binding.module, call, list(binding.params))
     k = call.rows_per_example
     if k == 1:
         return grads
@@ -80,7 +80,11 @@ def _zero_rows(call: Call, keep: torch.Tensor) -> Call:
         return t
 
     grads = [mask(g) for g in call.output_grads]
-    return Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example, {})
+    zeroed = Call(tree_map(mask, call.args), tree_map(mask, call.kwargs), grads, call.output_spec, call.rows_per_example,
+                  {})
+    if call.per_sample is not None:
+        zeroed.per_sample = {n: mask(g) for n, g in call.per_sample.items()}
+    return zeroed
 
 
 def _add(sums: Sums, name: str, value: torch.Tensor) -> None:

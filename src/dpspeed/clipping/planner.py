@@ -133,10 +133,10 @@ class Planner:
         for binding in new:
             call = calls[binding][0]
             plan = _estimate(binding, call)
-            timed = call.grad().device.type == "cpu" if self.timed is None else self.timed
+            timed = call.device.type == "cpu" if self.timed is None else self.timed
             timed = timed and math.isfinite(plan.ghost_cost) and plan.explicit_bytes <= TIMING_LIMIT
             self.plan[binding] = _timed(binding, call, plan) if timed else plan
-        budget = self.memory_budget if self.memory_budget is not None else default_budget(first.grad().device)
+        budget = self.memory_budget if self.memory_budget is not None else default_budget(first.device)
         self._fit_budget([self.plan[b] for b in new], budget)
 
     def _fit_budget(self, new: list[LayerPlan], budget: int | None) -> None:

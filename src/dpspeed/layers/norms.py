@@ -14,6 +14,8 @@ from .rule import LayerRule
 class AffineNormRule(LayerRule):
     """y = x_hat * weight + bias, with x_hat recomputed from the kept input."""
 
+    condense = True
+
     #: True when the affine parameters cover the trailing dims (LayerNorm), False for channels (dim 1)
     trailing: bool = True
 
@@ -75,6 +77,8 @@ class GroupNormActRule(LayerRule):
     elementwise, so each example's comes from its own values; then weight sum(g * x_hat) and bias
     sum(g) per example and channel, in float32 (float64 for float64). The activation's own
     parameters, if any, belong to its own module."""
+
+    condense = True
 
     def covers(self, module: nn.Module) -> bool:
         """Not with a drop layer (a random mask to replay): that takes the op taps."""

@@ -25,6 +25,11 @@ class LayerRule:
     params: tuple[str, ...] = ("weight", "bias")
     #: whether `ghost_sq_norms` is implemented (norms without per-example gradients)
     ghost: bool = False
+    #: per-example gradients far smaller than what a call keeps (a norm layer's (B, C) against its
+    #: (B, T, C) input and output gradient): formed as the output gradients arrive, and the kept
+    #: tensors let go (`Call.condense`); only for rules without a ghost norm, which every mode
+    #: takes explicitly
+    condense: bool = False
     #: whether the module's recorded forward calls run through `record_forward` (the rule needs
     #: tensors from inside the module: a recurrent layer's states), not a hook on its output
     records_inside: bool = False
