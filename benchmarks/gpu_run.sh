@@ -7,6 +7,7 @@
 #     benchmarks/gpu_run.sh bench-vit                  # dpspeed bench, ViT-base, bf16, Opacus beside
 #     benchmarks/gpu_run.sh bench-bit speed-tf32 speed-fp32  # BiT-ResNet-50x1 bench; ViT-base side by side
 #     benchmarks/gpu_run.sh kernel speed-bf16          # the fused ghost norm, then today's path beside it
+#     benchmarks/gpu_run.sh memory                     # one step's peak per mode and style (ViT-base, BiT)
 #
 # The seed study (issue 16), each stage at most ~9 minutes, resumable: its results go to
 # benchmarks/results/h100/study-*/ inside the repository (tarred into $OUT as well), and a stage cut
@@ -98,6 +99,9 @@ print(sys.version, torch.__version__, torch.version.cuda, timm.__version__, tran
             DPSPEED_FUSED_GHOST_NORM=1 python3 benchmarks/speed.py --models vit_base_patch16_224 --image-size 224 \
             --device cuda --precision bf16 --batch 256 --modes bk --repeats 4 --warmup 1 \
             --out /tmp/stages/kernel/speed_vit_base_bf16_fused.json" ;;
+    memory)  # the peak of one step per mode and style, ViT-base and BiT beside non-private (bf16, batch 64)
+        stage memory 150 python3 -m benchmarks.step_memory --models vit_base_patch16_224 resnetv2_50x1_bit \
+            --image-size 224 --batch 64 --precision bf16 --device cuda --out /tmp/stages/memory/step_memory_bf16.json ;;
     study-vit-* | study-bit-*)  # one model, one precision, every mode, the peers
         m=${s#study-}; m=${m%%-*}; p=${s##*-}
         [ "$m" = vit ] && model=$VIT || model=$BIT

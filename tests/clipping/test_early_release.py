@@ -86,3 +86,22 @@ def test_a_norm_layer_keeps_its_per_example_gradients_not_its_tensors():
     fresh = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
     check_model(fresh, x.double(), y.double(), loss_fn=lambda out, t: (out - t).square().sum((1, 2)),
                 modes=["bk", "auto", "per-example"], styles=["all-layer", "layer-wise"])
+
+
+def test_an_empty_batch_through_a_norm_layer_steps_with_noise_only():
+    """Poisson sampling draws empty batches; a norm layer's gradient over none of them has no
+    per-example gradients to keep (the reshape crashed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 7), nn.LayerNorm(7), nn.Linear(7, 2))
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,))), batch_size=1),
+        noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    empty = 0
+    for x, y in loader:
+        empty += len(x) == 0
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+        opt.zero_grad()
+    assert empty > 0 and engine.accountant.steps == 40

@@ -49,7 +49,8 @@ def condense(binding: Binding, call: Call) -> None:
     """A call of a rule that condenses (`LayerRule.condense`: norm layers) keeps its per-example
     gradients instead of its input and output gradient as soon as these have arrived."""
     rule = binding.rule
-    if rule.condense and not rule.ghost and call.complete and call.per_sample is None and not call.released:
+    if (rule.condense and not rule.ghost and call.complete and call.per_sample is None and not call.released
+            and call.batch_size > 0):  # an empty batch (a rank's share under torchrun) is never clipped
         with section("norms"):
             per_sample = rule.per_sample_grads(binding.module, call, list(binding.params))
         if per_sample:
