@@ -83,10 +83,12 @@ def test_a_cancelling_example_is_over_estimated_as_on_the_torch_path():
     torch.testing.assert_close(fused.cpu(), ghost_sq_norm(a.cpu(), g.cpu()), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("mode", ["bk", "bk-mix-ghost"])
-def test_training_through_the_kernel_clips_as_the_torch_path(monkeypatch, mode):
+def test_training_through_the_kernel_clips_as_the_torch_path(monkeypatch, mode, autocast):
     """The ghost-norm layers of a model, clipped with the kernel in the training path (on the CPU
-    under the interpreter, standing in for a GPU): the same clipped sum as the torch path's."""
+    under the interpreter, standing in for a GPU): the same clipped sum as the torch path's, in
+    float32 and from the 16-bit operands of bf16 autocast."""
     from torch import nn
 
     from dpspeed.testing import private_grads
@@ -94,7 +96,11 @@ def test_training_through_the_kernel_clips_as_the_torch_path(monkeypatch, mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 48)).to(DEVICE)  # ghost is cheaper at T = 10
     x, y = torch.randn(6, 10, 48, device=DEVICE), torch.randn(6, 10, 48, device=DEVICE)
-    loss = lambda m, b: (m(b[0]) - b[1]).square().sum()  # noqa: E731
+
+    def loss(m, b):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
+            out = m(b[0])
+        return (out.float() - b[1]).square().sum()
 
     def clipped() -> dict[str, torch.Tensor]:
         grads, engine = private_grads(model, loss, (x, y), max_grad_norm=0.5, clipping_mode=mode,
