@@ -33,6 +33,8 @@ from .trace import trace_uses
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int | None:
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:  # the first leaf, without flattening
+        return args[0].shape[0]
     for leaf in tree_flatten((args, kwargs))[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
@@ -367,6 +369,8 @@ class Controller:
             call = Call(args, kwargs, rows_per_example=self._rows_per_example(binding, rows, examples or rows))
             if args and isinstance(args[0], torch.Tensor):
                 call.shared = self._shared.setdefault(id(args[0]), {})
+            if isinstance(output, torch.Tensor):
+                return self._tap_leaves(binding, call, [output], rows, broadcast)[0]
             leaves, spec = tree_flatten(output)
             return tree_unflatten(self._tap_leaves(binding, call, leaves, rows, broadcast), spec)
 

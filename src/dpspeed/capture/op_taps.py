@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .copies import PrivateHook
-from .provenance import BatchProvenance, tensors
+from .provenance import BatchProvenance, flat_leaves, tensors
 from .records import Binding, OpUse, Recipe
 
 OnUse = Callable[[OpUse, list], list]  # (the use, its output leaves) -> the leaves to return
@@ -131,8 +131,12 @@ class OpTapRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = flat_leaves(args, kwargs), None
+        if leaves is None:
+            leaves, spec = tree_flatten((args, kwargs))
         recipes = {i: r for i, leaf in enumerate(leaves) if (r := self._recipe(leaf)) is not None}
+        if recipes and spec is None:
+            spec = tree_flatten((args, kwargs))[1]
         batched = self.provenance.positions(leaves)
         out = func(*args, **kwargs)
         outputs = tensors(out)

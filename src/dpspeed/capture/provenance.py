@@ -12,8 +12,22 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 
+#: types that are always leaves of a pytree (tensors are, unless registered otherwise)
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def flat_leaves(args: tuple, kwargs: dict) -> list | None:
+    """tree_flatten's leaves of (args, kwargs) for the common call of tensors and scalars only,
+    without its cost (it runs for every op a hook watches); None for anything else."""
+    if kwargs or not all(isinstance(a, torch.Tensor) or type(a) in _SCALARS for a in args):
+        return None
+    return list(args)
+
+
 def tensors(tree: Any) -> list[torch.Tensor]:
     """The tensors among the leaves of a nested structure."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
