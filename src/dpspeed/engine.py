@@ -21,7 +21,7 @@ from . import _checks
 from .accounting import Accountant, BudgetGuard, epsilon_at, noise_for_epsilon
 from .capture.hooks import Controller
 from .clipping.config import ClippingConfig
-from .clipping.early_release import EarlyRelease, condense
+from .clipping.early_release import EarlyRelease, shrink
 from .clipping.groups import ClippingStyle, Grouping
 from .clipping.planner import LayerPlan, Planner
 from .clipping.two_pass import DPLoss
@@ -107,7 +107,7 @@ def _wire(optimizer: DPOptimizer, loader: DPDataLoader) -> Controller:
     loader.on_physical_batch(optimizer.begin_physical_batch)
     controller.on_trace(clipping.follow_first_use)
     if not clipping.two_pass:
-        controller.on_grad(condense)  # first: a unit this gradient completes is clipped in the next callback
+        controller.on_grad(shrink)  # first: a unit this gradient completes is clipped in the next callback
         controller.on_grad(EarlyRelease(controller, clipping, optimizer.clip_and_add).gradient_arrived)
     return controller
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -105,3 +108,48 @@ def test_an_empty_batch_through_a_norm_layer_steps_with_noise_only():
         opt.step()
         opt.zero_grad()
     assert empty > 0 and engine.accountant.steps == 40
+
+
+class _ThreeOnOneInput(nn.Module):
+    """q, k and v on the same normalised input, as a transformer's attention takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.act, self.norm = nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8)
+        self.q, self.k, self.v = nn.Linear(8, 3), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.norm(self.act(self.first(x))).float()  # float32 under autocast, as on a GPU
+        return self.q(h) * self.k(h) + self.v(h)
+
+
+def test_inputs_are_kept_in_the_compute_dtype_once_their_gradient_arrives():
+    """Under bf16 autocast a Linear's float32 input (a LayerNorm's output) was kept in float32 until
+    the end of the backward pass; it is cast as its gradient arrives, one 16-bit copy for q, k and v."""
+    torch.manual_seed(0)
+    model = _ThreeOnOneInput()
+    x, y = torch.randn(6, 5, 4), torch.randn(6, 5, 3)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=0.0, max_grad_norm=1.0,
+        clipping_mode="bk", poisson_sampling=False)
+    kept = []
+
+    def watch(module, args, out):  # tanh's output: q, k, v and the norm have their gradients, the first Linear not
+        if out.requires_grad:
+            out.register_hook(lambda g: kept.extend(
+                (weakref.ref(calls[0].args[0]), calls[0].args[0].dtype, id(calls[0].args[0]))
+                for b, calls in engine.controller.recordings[-1].items() if b.name in ("q", "k", "v")))
+
+    xb, yb = next(iter(loader))
+    with torch.no_grad():
+        model(xb)  # the first forward traces the model and installs the hooks
+    model.act.register_forward_hook(watch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(xb)
+    (out.float() - yb).square().sum().backward()
+    assert [dtype for _, dtype, _ in kept] == [torch.bfloat16] * 3
+    assert len({identity for _, _, identity in kept}) == 1  # one copy, seen by the three while alive
+    gc.collect()
+    assert all(ref() is None for ref, _, _ in kept)  # clipped: nothing holds the copy (the controller did)

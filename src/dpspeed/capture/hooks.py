@@ -337,6 +337,8 @@ class Controller:
                 "forward pass: dpspeed dropped it as a pass whose backward would not come. Run forward passes that "
                 "are not trained on under torch.no_grad(), and zero_grad before the forward pass or just after it")
         self._gradients_arrived, self._kept_by_zero_grad = True, False
+        if self._shared:  # the pass's forward is over: what its calls share goes with them (released, not kept here)
+            self._shared = {}
         call.output_grads[slot] = grad
         for callback in self._on_grad:
             callback(binding, call)
@@ -419,7 +421,7 @@ class Controller:
         """Every recording, before any gradient has arrived (the two-pass modes); forgets them. No
         further forward pass joins this physical batch."""
         recordings, self.recordings = self.recordings, []
-        self._gradients_arrived = True
+        self._gradients_arrived, self._shared = True, {}
         return recordings
 
     def take_tapped(self) -> list[torch.Tensor]:

@@ -5,8 +5,9 @@ clip and sum them, and let their kept activations and output gradients go.
 Layers and clipping groups form a bipartite graph; its connected components are the units that
 can be released together. With layer-wise clipping each layer is its own unit, so the kept
 tensors live only as long as that layer's part of the backward pass; with all-layer clipping the
-one unit completes at the end of the backward pass. Norm layers do not wait for their unit: their
-small per-example gradients replace their kept tensors as their gradient arrives (`condense`).
+one unit completes at the end of the backward pass. Before its unit, each call keeps less as soon
+as its gradient arrives (`shrink`): inputs in the compute dtype, norm layers' small per-example
+gradients in place of their tensors.
 """
 
 from __future__ import annotations
@@ -45,16 +46,12 @@ def _complete(calls: list[Call]) -> bool:
     return all(c.complete for c in calls)
 
 
-def condense(binding: Binding, call: Call) -> None:
-    """A call of a rule that condenses (`LayerRule.condense`: norm layers) keeps its per-example
-    gradients instead of its input and output gradient as soon as these have arrived."""
-    rule = binding.rule
-    if (rule.condense and not rule.ghost and call.complete and call.per_sample is None and not call.released
-            and call.batch_size > 0):  # an empty batch (a rank's share under torchrun) is never clipped
-        with section("norms"):
-            per_sample = rule.per_sample_grads(binding.module, call, list(binding.params))
-        if per_sample:
-            call.condense(per_sample)
+def shrink(binding: Binding, call: Call) -> None:
+    """A call keeps less as soon as its output gradients have arrived (`LayerRule.shrink`: inputs in
+    the compute dtype, norm layers' per-example gradients in place of their tensors)."""
+    if call.complete and call.per_sample is None and not call.released and call.batch_size > 0:
+        with section("norms"):  # (an empty batch, a rank's share under torchrun, is never clipped)
+            binding.rule.shrink(binding.module, call, list(binding.params))
 
 
 class EarlyRelease:

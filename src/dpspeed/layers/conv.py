@@ -10,8 +10,8 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import ghost_sq_norm_and_spread, spread
-from .precision import (accumulated_bmm, accumulation_roundoff, compute_dtype, factors_in, product_roundoff, to_acc,
-                        weighted_sum)
+from .precision import (accumulated_bmm, accumulation_roundoff, factors_in, kept_in_compute_dtype, product_roundoff,
+                        to_acc, weighted_sum)
 from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -53,8 +53,13 @@ def grouped_grad(module: ConvNd, g: torch.Tensor) -> torch.Tensor:
 class ConvRule(LayerRule):
     ghost = True
 
+    def shrink(self, module: ConvNd, call: Call, names: list[str]) -> None:
+        self._operands(module, call)  # keeps the input in the compute dtype (16 bits under autocast)
+
     def _operands(self, module: ConvNd, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-        a, g = compute_dtype(call.input(), call.grad())
+        """The unfolded input and the grouped output gradient in the compute dtype, the input kept
+        cast (`kept_in_compute_dtype`)."""
+        a, g = kept_in_compute_dtype(call)
         return unfold(module, a), grouped_grad(module, g)
 
     def per_sample_grads(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:

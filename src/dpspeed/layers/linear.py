@@ -7,17 +7,15 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import GRAM_NORM, clipped_matmul, ghost_sq_norm_and_spread, spread
-from .precision import accumulation_roundoff, compute_dtype, product_roundoff, squared_row_norms, weighted_sum
+from .precision import accumulation_roundoff, kept_in_compute_dtype, product_roundoff, squared_row_norms, weighted_sum
 from .rule import LayerRule
 
 
 def flatten_positions(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """The call's input and output gradient as (B, T, d) and (B, T, p) in the compute dtype; the
-    call keeps the input cast to it in place of the original (one cast per call, not one per use,
-    and the kept input in 16 bits under autocast)."""
-    a, g = compute_dtype(call.input(), call.grad())
-    if a is not call.args[0]:
-        call.args = (a, *call.args[1:])
+    """The call's input and output gradient as (B, T, d) and (B, T, p) in the compute dtype, the
+    input kept cast (`kept_in_compute_dtype`: one cast per input, not one per use, and the kept
+    input in 16 bits under autocast)."""
+    a, g = kept_in_compute_dtype(call)
     batch = g.shape[0]
     return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
@@ -51,6 +49,9 @@ class LinearRule(LayerRule):
         if "bias" in names:
             out["bias"] = bias_terms(g)
         return out
+
+    def shrink(self, module: nn.Linear, call: Call, names: list[str]) -> None:
+        flatten_positions(call)  # keeps the input in the compute dtype (16 bits under autocast)
 
     def gram_operands(self, module: nn.Linear, call: Call, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return flatten_positions(call) if "weight" in names else None

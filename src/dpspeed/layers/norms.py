@@ -11,10 +11,19 @@ from .precision import compute_dtype, to_acc
 from .rule import LayerRule
 
 
-class AffineNormRule(LayerRule):
-    """y = x_hat * weight + bias, with x_hat recomputed from the kept input."""
+class CondensedRule(LayerRule):
+    """A rule whose per-example gradients are far smaller than what a call keeps (a norm layer's
+    (B, C) against its (B, T, C) input and output gradient), and which has no ghost norm (every
+    mode takes them explicitly): they replace the call's tensors as its gradient arrives."""
 
-    condense = True
+    def shrink(self, module: nn.Module, call: Call, names: list[str]) -> None:
+        per_sample = self.per_sample_grads(module, call, names)
+        if per_sample:
+            call.condense(per_sample)
+
+
+class AffineNormRule(CondensedRule):
+    """y = x_hat * weight + bias, with x_hat recomputed from the kept input."""
 
     #: True when the affine parameters cover the trailing dims (LayerNorm), False for channels (dim 1)
     trailing: bool = True
@@ -71,14 +80,12 @@ class InstanceNormRule(AffineNormRule):
         )
 
 
-class GroupNormActRule(LayerRule):
+class GroupNormActRule(CondensedRule):
     """timm's GroupNormAct, act(group_norm(x)) in one module (BiT's norms): the gradient at the
     norm's output is the module's output gradient through the activation's derivative, which is
     elementwise, so each example's comes from its own values; then weight sum(g * x_hat) and bias
     sum(g) per example and channel, in float32 (float64 for float64). The activation's own
     parameters, if any, belong to its own module."""
-
-    condense = True
 
     def covers(self, module: nn.Module) -> bool:
         """Not with a drop layer (a random mask to replay): that takes the op taps."""

@@ -29,6 +29,8 @@ from typing import Iterator
 
 import torch
 
+from ..capture.records import Call
+
 logger = logging.getLogger(__name__)
 _told_reduced_precision = False
 
@@ -47,6 +49,18 @@ def compute_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
             "%.1g·sqrt(positions)), which takes a little signal from clipped examples",
             g.dtype, torch.finfo(g.dtype).eps / 2, torch.finfo(g.dtype).eps / 2)
     return (a if a.dtype == g.dtype else a.to(g.dtype)), g
+
+
+def kept_in_compute_dtype(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_dtype` of the call's input and output gradient; the call keeps its input cast in place
+    of the original, one cast shared by the calls on the same input tensor (q, k and v)."""
+    x, g = call.input(), call.grad()
+    key = ("input in", g.dtype)
+    a, g = compute_dtype(call.shared.get(key, x), g)
+    if a is not x:
+        call.shared[key] = a
+        call.args = (a, *call.args[1:])
+    return a, g
 
 
 def tf32_matmuls() -> bool:

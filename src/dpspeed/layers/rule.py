@@ -25,11 +25,6 @@ class LayerRule:
     params: tuple[str, ...] = ("weight", "bias")
     #: whether `ghost_sq_norms` is implemented (norms without per-example gradients)
     ghost: bool = False
-    #: per-example gradients far smaller than what a call keeps (a norm layer's (B, C) against its
-    #: (B, T, C) input and output gradient): formed as the output gradients arrive, and the kept
-    #: tensors let go (`Call.condense`); only for rules without a ghost norm, which every mode
-    #: takes explicitly
-    condense: bool = False
     #: whether the module's recorded forward calls run through `record_forward` (the rule needs
     #: tensors from inside the module: a recurrent layer's states), not a hook on its output
     records_inside: bool = False
@@ -58,6 +53,12 @@ class LayerRule:
     def per_sample_grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """Per-example gradients, name -> tensor of shape (B, *param.shape)."""
         raise NotImplementedError
+
+    def shrink(self, module: nn.Module, call: Call, names: list[str]) -> None:
+        """As soon as the call's output gradients have all arrived (one-pass modes), let it keep
+        less until it is clipped, in a form the other methods read to the same results: an input
+        cast to the compute dtype, or a norm layer's per-example gradients in place of its tensors
+        (`Call.condense`). Nothing by default."""
 
     def ghost_sq_norms(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """Squared per-example gradient norms without materialising the gradients, name -> (B,)."""
