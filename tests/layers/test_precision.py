@@ -151,6 +151,15 @@ def _many_positions(kind: str, scale: float, positions: int = 1024):
         layer, x, w = nn.Conv1d(4, 4, 1, groups=2, bias=False), torch.randn(8, 4, positions), torch.randn(8, 4, positions)
         x[0] = scale
         w[0, :, :-1], w[0, :, -1] = 1.0, -(positions - 1.0)
+    elif kind == "stdconv":  # BiT's weight-standardised convolution: book-keeping through the standardisation
+        from timm.layers import StdConv2d
+
+        layer = StdConv2d(4, 4, 1, groups=2, bias=False, eps=1e-8)
+        with torch.no_grad():
+            layer.weight.mul_(1e-3)  # a small spread s: the pull-back multiplies the sum's rounding by 1/s
+        x, w = torch.randn(8, 4, 1, positions), torch.randn(8, 4, 1, positions)
+        x[0] = scale
+        w[0, :, :, :-1], w[0, :, :, -1] = 1.0, -(positions - 1.0)
     else:
         layer, x, w = nn.Embedding(4, 2), torch.randint(0, 4, (8, positions)), torch.randn(8, positions, 2)
         x[0] = 0
@@ -158,10 +167,10 @@ def _many_positions(kind: str, scale: float, positions: int = 1024):
     return layer, x, w
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "stdconv", "embedding"])
 @pytest.mark.parametrize("mode", ["bk", "bk-mix-ghost", "auto"])
 def test_a_cancellation_over_many_positions_adds_at_most_r_in_float32(kind, mode):
-    for scale in (1e3, 1e7, 1e15 if kind == "conv" else 1e9):
+    for scale in (1e3, 1e7, 1e15 if "conv" in kind else 1e9):
         layer, x, w = _many_positions(kind, scale)
         sums = []
         for batch in ((x, w), (x[1:], w[1:])):

@@ -167,3 +167,36 @@ def test_a_groupnormact_whose_activation_has_parameters_is_exact():
     for seed in range(3):
         torch.manual_seed(seed)
         check_rule(norm, torch.randn(4, 8, 5, 5), modes=["per-example", "bk"])
+
+
+def test_stdconv_book_keeping_bounds_its_rounding_through_the_pull_back():
+    """BiT's StdConv2d sums by book-keeping for w_hat, then pulls the sum back through the
+    standardisation: per output channel a projection (norm at most 1) divided by s, so the rounding
+    bound of w_hat's sum is divided by the smallest s; its norms come from explicit gradients formed
+    one layer at a time, equal to per_sample_grads'."""
+    from timm.layers import StdConv2d
+
+    from dpspeed.capture.records import Call
+    from dpspeed.layers.conv import ConvRule, StdConvRule
+
+    torch.manual_seed(0)
+    conv = StdConv2d(3, 4, 3, padding=1, eps=1e-8)
+    with torch.no_grad():
+        conv.weight[1].mul_(1e-2)  # one channel with a small spread
+    x = torch.randn(5, 3, 6, 6)
+    g = torch.randn(5, 4, 6, 6)
+    names = ["weight", "bias"]
+    rule = StdConvRule()
+    s = (conv.weight.detach().reshape(4, -1).var(1, unbiased=False) + conv.eps).sqrt()
+    conv_bound = ConvRule().sum_rounding(conv, Call((x,), {}, [g]), names)["weight"]
+    torch.testing.assert_close(rule.sum_rounding(conv, Call((x,), {}, [g]), names)["weight"],
+                               conv_bound / s.min(), rtol=1e-4, atol=0)
+    explicit = rule.per_sample_grads(conv, Call((x,), {}, [g]), names)
+    norms = rule.ghost_sq_norms(conv, Call((x,), {}, [g]), names)
+    for name in names:
+        torch.testing.assert_close(norms[name], explicit[name].flatten(1).square().sum(1))
+    factors = {n: torch.rand(5) for n in names}
+    summed = rule.clipped_sum(conv, Call((x,), {}, [g]), names, factors)
+    for name in names:
+        expected = torch.einsum("b,b...->...", factors[name], explicit[name])
+        torch.testing.assert_close(summed[name], expected, rtol=1e-4, atol=1e-5)

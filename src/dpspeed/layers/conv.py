@@ -11,7 +11,7 @@ from torch import nn
 from ..capture.records import Call
 from ._gram import ghost_sq_norm_and_spread, spread
 from .precision import (accumulated_bmm, accumulation_roundoff, factors_in, kept_in_compute_dtype, product_roundoff,
-                        to_acc, weighted_sum)
+                        squared_row_norms, to_acc, weighted_sum)
 from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -54,7 +54,7 @@ class ConvRule(LayerRule):
     ghost = True
 
     def shrink(self, module: ConvNd, call: Call, names: list[str]) -> None:
-        self._operands(module, call)  # keeps the input in the compute dtype (16 bits under autocast)
+        kept_in_compute_dtype(call)  # the input in the compute dtype (16 bits under autocast), not unfolded
 
     def _operands(self, module: ConvNd, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         """The unfolded input and the grouped output gradient in the compute dtype, the input kept
@@ -131,28 +131,54 @@ class StdConvRule(ConvRule):
     entries. Each example's gradient is the convolution's own for w_hat (from the unfolded
     patches, as ConvRule's) pulled back through the standardisation's Jacobian, which is linear:
     dL/dw = (h - mean(h) - w_hat · <w_hat, h> / n) / s for that example's h = dL/dw_hat, in float32
-    (float64 for float64). Explicit per-example gradients: their norms and their sum come from
-    the same tensors (no ghost norm)."""
+    (float64 for float64).
 
-    ghost = False
+    Norms without keeping per-example gradients (`ghost`): each layer's are formed, measured and let
+    go, one layer at a time, so that all-layer clipping holds none. Clipped sum by book-keeping:
+    ConvRule's for w_hat, pulled back through the same Jacobian, whose rows are projections (norm
+    at most 1) divided by s: the rounding bound of w_hat's sum, divided by the smallest s, bounds
+    what rounding adds to an example's contribution."""
+
+    def _pulled_back(self, module: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+        """dL/dw for gradients h = dL/dw_hat of shape (N, *weight.shape), in h's dtype."""
+        w_hat, s = self._standardised(module, h.dtype)
+        n = w_hat.shape[1]
+        h = h.reshape(h.shape[0], module.out_channels, n)
+        pulled = (h - h.mean(2, keepdim=True) - w_hat * (h * w_hat).sum(2, keepdim=True) / n) / s
+        return pulled.reshape(h.shape[0], *module.weight.shape)
+
+    @staticmethod
+    def _standardised(module: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_hat (C_out, n), s (C_out, 1)) in `dtype`."""
+        w = module.weight.detach().to(dtype).reshape(module.out_channels, -1)
+        centred = w - w.mean(1, keepdim=True)
+        s = (centred.square().mean(1, keepdim=True) + module.eps).sqrt()
+        return centred / s, s
 
     def per_sample_grads(self, module: nn.Conv2d, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         out = super().per_sample_grads(module, call, names)
         if "weight" in out:
-            h = to_acc(out["weight"])
-            w = module.weight.detach().to(h.dtype).reshape(module.out_channels, -1)
-            centred = w - w.mean(1, keepdim=True)
-            s = (centred.square().mean(1, keepdim=True) + module.eps).sqrt()
-            w_hat = centred / s
-            h = h.reshape(h.shape[0], module.out_channels, -1)
-            pulled = (h - h.mean(2, keepdim=True) - w_hat * (h * w_hat).sum(2, keepdim=True) / w.shape[1]) / s
-            out["weight"] = pulled.reshape(h.shape[0], *module.weight.shape)
+            out["weight"] = self._pulled_back(module, to_acc(out["weight"]))
         if "bias" in out:
             out["bias"] = to_acc(out["bias"])
         return out
 
-    # ConvRule's products are for w_hat, not w: only the explicit path applies
-    ghost_sq_norms = LayerRule.ghost_sq_norms
-    clipped_sum = LayerRule.clipped_sum
-    sum_rounding = LayerRule.sum_rounding
-    costs = LayerRule.costs
+    def ghost_sq_norms(self, module: nn.Conv2d, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: squared_row_norms(u) for n, u in self.per_sample_grads(module, call, names).items()}
+
+    def clipped_sum(self, module: nn.Conv2d, call: Call, names, factors) -> dict[str, torch.Tensor]:
+        out = super().clipped_sum(module, call, names, factors)
+        if "weight" in out:
+            out["weight"] = self._pulled_back(module, to_acc(out["weight"]).unsqueeze(0))[0]
+        return out
+
+    def sum_rounding(self, module: nn.Conv2d, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        bound = super().sum_rounding(module, call, names)
+        if "weight" in bound:
+            bound["weight"] = bound["weight"] / self._standardised(module, bound["weight"].dtype)[1].min()
+        return bound
+
+    def costs(self, module: nn.Conv2d, call: Call) -> tuple[float, float]:
+        """The norm costs the explicit gradient either way; the book-keeping sum saves holding it."""
+        explicit = super().costs(module, call)[1]
+        return explicit, explicit
