@@ -317,7 +317,7 @@ def test_a_run_resumed_with_a_longer_horizon_ends_within_its_target(load_first):
 
 def test_a_horizon_the_restored_run_already_reached_is_refused():
     first = _calibrated_run(epochs=1)
-    with pytest.raises(ValueError, match="already took 4 steps, and the horizon is 4"):
+    with pytest.raises(ValueError, match="already holds 4 steps .*, and the horizon is 4"):
         _calibrated_run(epochs=1, state=first.state_dict(), load_first=True)
 
 
@@ -336,3 +336,40 @@ def test_an_explicit_noise_multiplier_is_not_recalibrated_for_an_earlier_target(
                                           data_loader=data, noise_multiplier=0.4, max_grad_norm=1.0)
     engine.load_state_dict({"accountant": {"kind": "pld", "history": [[2.0, 0.25, 2]]}, "logical_steps": 2})
     assert optimizer.noise_multiplier == 0.4
+
+
+@pytest.mark.parametrize("load_first", [False, True], ids=["loaded-after", "loaded-before"])
+def test_a_seeded_state_loaded_before_make_private_continues_its_streams(load_first):
+    """Loaded before make_private_with_epsilon, a seeded run's state gave only its accountant: its
+    step count and its random streams were dropped, so the resumed run drew the same Poisson
+    batches and the same noise as its first steps (the difference of two updates cancels it)."""
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+
+    def private(engine: PrivacyEngine, epochs: int):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return engine.make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=8), target_epsilon=3.0, target_delta=1e-3, epochs=epochs,
+            max_grad_norm=1.0, seed=7)
+
+    first = PrivacyEngine()
+    model, optimizer, loader = private(first, epochs=1)
+    drawn = []
+    for x, y in loader:
+        drawn.append(x.clone())
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = first.state_dict()
+    resumed = PrivacyEngine()
+    if load_first:
+        resumed.load_state_dict(state)
+    model, optimizer, loader = private(resumed, epochs=2)
+    if not load_first:
+        resumed.load_state_dict(state)
+    assert optimizer.logical_steps == 4
+    cpu = torch.device("cpu")
+    continued, saved = (e.optimizer.noise.generator_for(cpu).get_state() for e in (resumed, first))
+    assert torch.equal(continued, saved)
+    assert not torch.equal(next(iter(loader))[0], drawn[0])

@@ -159,6 +159,7 @@ class PrivacyEngine:
         self._restored = False  # load_state_dict was called
         self._watchers: list[tuple[Callable[[StepMetrics], None], float | None, int]] = []
         self._target: tuple[float, float, int] | None = None  # make_private_with_epsilon's (epsilon, delta, steps)
+        self._pending: dict | None = None  # a state loaded before make_private: its step count and streams
 
     # ------------------------------------------------------------------------------------ setup
     def make_private(
@@ -241,6 +242,9 @@ class PrivacyEngine:
         controller.attach()
         _ATTACHED.add(a.module)
         self._remember(a.module, a.optimizer, data_loader, dp_optimizer, loader, a.poisson_sampling)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._continue(state)
         if guard is not None:
             dp_optimizer.before_logical_step(lambda: guard.check(dp_optimizer.noise_multiplier, self.sample_rate))
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
@@ -308,11 +312,12 @@ class PrivacyEngine:
         total_steps = steps if steps is not None else epochs * len(data_loader)
         taken = self.accountant.steps
         if taken >= total_steps:
-            raise ValueError(f"the restored run already took {taken} steps, and the horizon is {total_steps}: "
-                             "give more epochs= or steps=, counting the restored ones")
+            raise ValueError(f"this engine's accountant already holds {taken} steps (restored, or from an earlier "
+                             f"make_private), and the horizon is {total_steps}: give more epochs= or steps=, counting "
+                             "those")
         sigma = noise_for_epsilon(target_epsilon, target_delta, sample_rate, total_steps - taken,
                                   self.accountant.kind, self.accountant.history)
-        logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps (%d restored)", sigma,
+        logger.info("dpspeed: noise multiplier %.4f for epsilon=%g after %d steps (%d taken before)", sigma,
                     target_epsilon, total_steps, taken)
         private = self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
         self._target = (target_epsilon, target_delta, total_steps)
@@ -422,14 +427,22 @@ class PrivacyEngine:
         """Continue a run: its accountant and step count; and, from a reproducible run's checkpoint,
         its random streams. Otherwise this engine's own streams, seeded from fresh entropy, go on:
         a resumed run never repeats the noise it added before. After make_private_with_epsilon the
-        noise is raised where the restored steps and those left to its horizon would exceed the target."""
+        noise is raised where the restored steps and those left to its horizon would exceed the target.
+        Before make_private, the accountant is restored at once (make_private_with_epsilon calibrates
+        on it) and the step count and streams when make_private has made them."""
         self.accountant.load_state_dict(state["accountant"])
         self._restored = True
-        if self.optimizer is not None:
-            self.optimizer.logical_steps = state["logical_steps"]
-            if self._target is not None and self.poisson_sampling:
-                self._keep_the_target()
-        if "random" in state and self.optimizer is not None:
+        if self.optimizer is None:
+            self._pending = state
+            return
+        self._continue(state)
+
+    def _continue(self, state: dict) -> None:
+        """The restored step count and (a reproducible run's) random streams, into what make_private made."""
+        self.optimizer.logical_steps = state["logical_steps"]
+        if self._target is not None and self.poisson_sampling:
+            self._keep_the_target()
+        if "random" in state:
             self.data_loader.load_state_dict(state["random"]["sampler"])
             self.optimizer.noise.load_state_dict(state["random"]["noise"])
 
