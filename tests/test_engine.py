@@ -640,6 +640,27 @@ def test_a_two_pass_loss_without_a_recorded_forward_pass_is_refused():
         criterion(m.forward(x), y).backward()
 
 
+@pytest.mark.parametrize("order", ["auxiliary-first", "penalty-after"])
+def test_a_gradient_outside_the_two_pass_loss_is_refused(order):
+    """ghost's clipped sum is what autograd leaves in .grad: an auxiliary loss backpropagated before
+    the private loss (or a weight penalty after it) added its unclipped gradient, and the step
+    released it (a parameter change of 27 where clipping allowed 0.001)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = DataLoader(TensorDataset(torch.randn(8, 4) * 100, torch.randint(0, 3, (8,))), batch_size=8)
+    _, (m, opt, criterion, loader) = _private(model, data_loader=data, criterion=nn.CrossEntropyLoss(),
+                                              clipping_mode="ghost", poisson_sampling=False)
+    x, y = next(iter(loader))
+    out = m(x)
+    with pytest.raises(RuntimeError, match="no example's clipping bounds"):
+        if order == "auxiliary-first":
+            (1000 * out.pow(2).mean()).backward(retain_graph=True)
+            criterion(out, y).backward()
+        else:
+            criterion(out, y).backward()
+            model[0].weight.square().sum().backward()
+            opt.step()
+
+
 def test_a_second_two_pass_backward_through_one_forward_pass_is_refused_as_such():
     """An auxiliary loss backpropagated on its own after the first: its examples were clipped once
     already. The refusal used to blame missing hooks."""

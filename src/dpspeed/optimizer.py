@@ -69,7 +69,9 @@ class _GrantedGradients:
                     "Either a term of the loss uses the parameters themselves (a weight penalty such as "
                     "lambda * w.square().sum(): use the optimizer's weight_decay instead, which looks at no data), "
                     "or the forward pass ran without dpspeed's hooks (a call that bypasses module hooks, such as "
-                    "model.forward(x) instead of model(x), or another copy of the model)"
+                    "model.forward(x) instead of model(x), or another copy of the model), or (ghost, mix-ghost) a "
+                    "loss other than the criterion make_private returned was backpropagated: put every term of the "
+                    "loss into that criterion's per-example losses"
                 )
 
 
@@ -230,12 +232,21 @@ class DPOptimizer(Optimizer):
                     "the ghost clipping modes need the criterion returned by make_private: "
                     "loss = criterion(model(x), y); loss.backward()"
                 )
+            self._granted.refuse_others(self.controller.params)  # only the second passes' sums are in .grad
             for name, s in autograd_sums(self.controller.params).items():
                 self._add(name, s)
             return
         self._granted.refuse_others(self.controller.params)
         for recorded in self.controller.take_recordings():  # at the step: the buckets start in reduce()
             self.clip_and_add(recorded, self.clipping, start_buckets=False)
+
+    def refuse_unclipped_gradients(self) -> None:
+        """Raise where a parameter holds a gradient that no example's clipping bounds."""
+        self._granted.refuse_others(self.controller.params)
+
+    def grant_gradients(self) -> None:
+        """The parameters' gradients are clipped sums (the two-pass modes' second backward pass)."""
+        self._granted.grant(self.controller.params)
 
     def clip_and_add(self, recorded: Recording, clipping: ClippingConfig, start_buckets: bool = True,
                      source: Recording | None = None) -> None:

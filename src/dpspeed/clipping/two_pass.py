@@ -93,7 +93,8 @@ class DPLossValue:
         if not recordings and taken_before:
             raise RuntimeError(
                 "a second backward pass through the same forward pass: its examples were clipped by the first one, "
-                "and would count twice. Add the losses (an auxiliary term too) into one loss, call backward() once, "
+                "and would count twice. Put every term of the loss into the per-example losses of the criterion "
+                "make_private returned (a criterion module of your own, with a `reduction`), call backward() once, "
                 "then optimizer.step()")
         if not recordings:
             raise RuntimeError(
@@ -125,8 +126,11 @@ class DPLossValue:
         return torch.zeros_like(self.per_example) if factors is None else factors
 
     def backward(self) -> None:
+        optimizer = self.loss.optimizer
+        optimizer.refuse_unclipped_gradients()  # another loss's backward through the model, before this one
         factors = self._factors()
         if factors is None:
             return  # the sums are in the optimizer already
         weighted = torch.where(factors > 0, factors.to(self.per_example.dtype) * self.per_example, 0.0)
         weighted.sum().backward()  # second pass: autograd's weight gradients are the clipped sum
+        optimizer.grant_gradients()
