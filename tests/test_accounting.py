@@ -373,3 +373,28 @@ def test_a_seeded_state_loaded_before_make_private_continues_its_streams(load_fi
     continued, saved = (e.optimizer.noise.generator_for(cpu).get_state() for e in (resumed, first))
     assert torch.equal(continued, saved)
     assert not torch.equal(next(iter(loader))[0], drawn[0])
+
+
+def test_a_state_loaded_after_detach_waits_for_the_next_make_private():
+    """After detach the engine still had its old optimizer: the state went into it, and the next
+    make_private started at step 0 with the seed's first streams again."""
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    engine, model = PrivacyEngine(), nn.Linear(3, 2)
+    _, optimizer, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0,
+                                               max_grad_norm=1.0, seed=7)
+    first_batch = None
+    for x, y in loader:
+        first_batch = x.clone() if first_batch is None else first_batch
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = engine.state_dict()
+    engine.detach()
+    engine.load_state_dict(state)
+    model = nn.Linear(3, 2)
+    _, optimizer, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0,
+                                               max_grad_norm=1.0, seed=7)
+    assert optimizer.logical_steps == 4
+    assert not torch.equal(next(iter(loader))[0], first_batch)

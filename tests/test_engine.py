@@ -728,3 +728,59 @@ def test_a_copy_of_a_private_model_is_a_plain_model(tmp_path):
 def _pickled(model: nn.Module, tmp_path) -> nn.Module:
     torch.save(model, tmp_path / "model.pt")
     return torch.load(tmp_path / "model.pt", weights_only=False)
+
+
+def _ghost_run(mode: str = "ghost", rows: int = 16):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    data = DataLoader(TensorDataset(torch.randn(rows, 4) * 100, torch.randint(0, 3, (rows,))), batch_size=rows // 2)
+    _, (m, opt, criterion, loader) = _private(model, data_loader=data, criterion=nn.CrossEntropyLoss(reduction="sum"),
+                                              optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                              clipping_mode=mode, poisson_sampling=False, loss_reduction="sum",
+                                              noise_multiplier=0.0)
+    return model, m, opt, criterion, loader
+
+
+def test_an_abandoned_two_pass_batch_leaves_no_sum_in_grad():
+    """A loop broken off after backward and before step left ghost's sums in .grad; the next step
+    released them on top of its own batch (4.4 for one example clipped to R = 1)."""
+    model, m, opt, criterion, loader = _ghost_run(rows=32)
+    for x, y in loader:
+        criterion(m(x), y).backward()
+        break
+    start = model.weight.detach().clone()
+    for x, y in loader:  # the unfinished logical batch is dropped
+        criterion(m(x[:1]), y[:1]).backward()
+        opt.step()
+        break
+    assert float((model.weight.detach() - start).norm()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_gradients_zeroed_in_place_are_not_taken_for_unclipped_ones(mode):
+    model, m, opt, criterion, loader = _ghost_run(mode, rows=32)
+    for x, y in loader:
+        opt.zero_grad(set_to_none=False)
+        criterion(m(x), y).backward()
+        opt.step()
+    assert opt.logical_steps == 2
+
+
+def test_a_pending_state_make_private_cannot_apply_leaves_everything_as_it_was():
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    first, model = PrivacyEngine(), nn.Linear(3, 2)
+    first.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0, seed=7)
+    state = first.state_dict()
+    state["random"]["noise"] = {"replicated": {"cpu": torch.zeros(3, dtype=torch.uint8)}, "sharded": None}
+    engine, model = PrivacyEngine(), nn.Linear(3, 2)
+    engine.load_state_dict(state)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(RuntimeError):
+        engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0, seed=7)
+    assert engine.controller is None
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    with pytest.raises(RuntimeError):  # still pending: the retry meets the same state
+        engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0)

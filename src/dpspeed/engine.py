@@ -243,8 +243,12 @@ class PrivacyEngine:
         _ATTACHED.add(a.module)
         self._remember(a.module, a.optimizer, data_loader, dp_optimizer, loader, a.poisson_sampling)
         if self._pending is not None:
-            state, self._pending = self._pending, None
-            self._continue(state)
+            try:
+                self._continue(self._pending)
+            except BaseException:  # a refused call leaves everything as it was, the pending state too
+                self.detach()
+                raise
+            self._pending = None
         if guard is not None:
             dp_optimizer.before_logical_step(lambda: guard.check(dp_optimizer.noise_multiplier, self.sample_rate))
         logger.info("dpspeed: %d trainable tensors in %d clipping group(s), sigma=%.4g, q=%.4g, mode=%s",
@@ -432,7 +436,7 @@ class PrivacyEngine:
         on it) and the step count and streams when make_private has made them."""
         self.accountant.load_state_dict(state["accountant"])
         self._restored = True
-        if self.optimizer is None:
+        if self.controller is None:  # before make_private, or after detach
             self._pending = state
             return
         self._continue(state)

@@ -195,11 +195,17 @@ class DPOptimizer(Optimizer):
         backward is still to come (Lightning zeroes there), and the clipped sums of earlier physical
         batches of the current logical batch, are kept."""
         self.original_optimizer.zero_grad(set_to_none)
+        if not set_to_none:
+            self._granted.grant(self.controller.params)  # zeros, in place: no example's gradient
         self.controller.clear(keep_forward=True)
 
     def discard_logical_batch(self) -> None:
-        """Forget the clipped sums and recordings of the current logical batch (after a failed step)."""
+        """Forget the clipped sums and recordings of the current logical batch (after a failed step);
+        the two-pass modes' sums, in .grad, too."""
         self.summed = {}
+        if self.clipping.two_pass:
+            for p in self.controller.params.values():
+                p.grad = None
         self._announced = False
         self.controller.clear()
         if self.step_norms is not None:
