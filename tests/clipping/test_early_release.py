@@ -57,18 +57,24 @@ def test_units_join_layers_that_share_a_group():
     assert units[bindings[0]] == units[bindings[1]] != units[bindings[2]]
 
 
+def _bk_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(engine, model, optimizer, loader): bk, all-layer, no noise, the batch as one physical batch."""
+    engine = PrivacyEngine()
+    made = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)), noise_multiplier=0.0, max_grad_norm=1.0,
+        clipping_mode="bk", poisson_sampling=False)
+    return (engine, *made)
+
+
 def test_a_norm_layer_keeps_its_per_example_gradients_not_its_tensors():
     """All-layer clipping waits for the whole backward pass; a LayerNorm's (B, T, d) input and
     output gradient are let go as soon as its gradient arrives, its (B, d) per-example gradients
     kept instead; the clipped sums stay the one-example reference's."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
     x, y = torch.randn(6, 5, 4), torch.randn(6, 5, 3)
-    engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=0.0, max_grad_norm=1.0,
-        clipping_mode="bk", poisson_sampling=False)
+    engine, model, opt, loader = _bk_on(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)),
+                                        x, y)
     seen = []
 
     def watch(module, args, out):  # the LayerNorm's input, before the first Linear's gradient arrives
@@ -127,13 +133,8 @@ def test_inputs_are_kept_in_the_compute_dtype_once_their_gradient_arrives():
     """Under bf16 autocast a Linear's float32 input (a LayerNorm's output) was kept in float32 until
     the end of the backward pass; it is cast as its gradient arrives, one 16-bit copy for q, k and v."""
     torch.manual_seed(0)
-    model = _ThreeOnOneInput()
     x, y = torch.randn(6, 5, 4), torch.randn(6, 5, 3)
-    engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=0.0, max_grad_norm=1.0,
-        clipping_mode="bk", poisson_sampling=False)
+    engine, model, opt, loader = _bk_on(_ThreeOnOneInput(), x, y)
     kept = []
 
     def watch(module, args, out):  # tanh's output: q, k, v and the norm have their gradients, the first Linear not
