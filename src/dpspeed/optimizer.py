@@ -196,7 +196,7 @@ class DPOptimizer(Optimizer):
         batches of the current logical batch, are kept."""
         self.original_optimizer.zero_grad(set_to_none)
         if not set_to_none:
-            self._granted.grant(self.controller.params)  # zeros, in place: no example's gradient
+            self.grant_gradients()  # zeros, in place: no example's gradient
         self.controller.clear(keep_forward=True)
 
     def discard_logical_batch(self) -> None:
@@ -238,11 +238,11 @@ class DPOptimizer(Optimizer):
                     "the ghost clipping modes need the criterion returned by make_private: "
                     "loss = criterion(model(x), y); loss.backward()"
                 )
-            self._granted.refuse_others(self.controller.params)  # only the second passes' sums are in .grad
+            self.refuse_unclipped_gradients()  # only the second passes' sums are in .grad
             for name, s in autograd_sums(self.controller.params).items():
                 self._add(name, s)
             return
-        self._granted.refuse_others(self.controller.params)
+        self.refuse_unclipped_gradients()
         for recorded in self.controller.take_recordings():  # at the step: the buckets start in reduce()
             self.clip_and_add(recorded, self.clipping, start_buckets=False)
 
@@ -381,7 +381,7 @@ class DPOptimizer(Optimizer):
                 self._set_gradients()
             with section("update"):
                 self.original_optimizer.step()
-            self._granted.grant(self.controller.params)
+            self.grant_gradients()
             self.summed = {}
             self.logical_steps += 1
             for callback in self._on_logical_step:

@@ -51,7 +51,7 @@ class LinearRule(LayerRule):
         return out
 
     def shrink(self, module: nn.Linear, call: Call, names: list[str]) -> None:
-        flatten_positions(call)  # keeps the input in the compute dtype (16 bits under autocast)
+        kept_in_compute_dtype(call)  # the input in the compute dtype (16 bits under autocast)
 
     def gram_operands(self, module: nn.Linear, call: Call, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return flatten_positions(call) if "weight" in names else None
