@@ -196,3 +196,41 @@ def test_tf32_is_read_and_switched_through_either_of_torchs_switches():
         assert tf32_matmuls()
     finally:
         matmul.fp32_precision = saved
+
+
+def test_small_row_norms_are_stacked_and_match_each_alone():
+    """Rows of one shape and dtype share a product; each keeps the norm it has alone, in its dtype's
+    accumulation dtype; rows above the limit, and empty batches, are measured as they are."""
+    from dpspeed.layers.precision import STACKED_ROWS_LIMIT, squared_row_norms, squared_row_norms_together
+
+    torch.manual_seed(0)
+    rows = [torch.randn(5, 7), torch.randn(5, 3, 4), torch.randn(5, 7) * 1e3, torch.randn(5, STACKED_ROWS_LIMIT + 1),
+            torch.randn(5, 7, dtype=torch.bfloat16), torch.randn(5, 7, dtype=torch.bfloat16), torch.randn(0, 7),
+            torch.randn(0, 7), torch.randn(5, 7, dtype=torch.float64)]
+    together = squared_row_norms_together(rows)
+    for x, got in zip(rows, together):
+        want = squared_row_norms(x)
+        assert got.dtype == want.dtype and got.shape == (x.shape[0],)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_a_pass_takes_its_bias_and_norm_layer_norms_together(monkeypatch):
+    """Three Linear biases and a LayerNorm's two per-example gradients, all (B, 8): one squared row
+    norm product for the five, and the sum still the one-example reference's."""
+    from dpspeed.layers import precision
+
+    calls = []
+    alone = precision.squared_row_norms
+    monkeypatch.setattr(precision, "squared_row_norms", lambda x: calls.append(tuple(x.shape)) or alone(x))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+    x, y = torch.randn(6, 4, 8), torch.randn(6, 4, 8)
+    loss = lambda m, b: (m(b[0]) - b[1]).square().sum()  # noqa: E731
+    got, engine = private_grads(copy.deepcopy(model), loss, (x, y), clipping_mode="bk", loss_reduction="sum",
+                                max_grad_norm=0.5)
+    engine.detach()
+    assert calls == [(5 * 6, 8)]
+    examples = [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
+    want = reference_sum(per_example_grads(model, loss, examples), [[n for n, _ in model.named_parameters()]], [0.5],
+                         "abadi")
+    assert_close(got, want, rtol=1e-5)

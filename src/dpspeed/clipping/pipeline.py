@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from ..capture.records import Binding, Call, Recording
 from ..layers import keep_gram_norms
-from ..layers.precision import squared_row_norms, to_acc, weighted_sum
+from ..layers.precision import ROW_NORMS, squared_row_norms_together, to_acc, weighted_sum
 from ..profiling import section
 from .config import ClippingConfig
 from .groups import Grouping
@@ -111,24 +111,23 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
     """Per parameter, the squared per-example norms (float32) and, where explicit, the gradients.
     Where the sum comes by book-keeping, the norm is raised by what rounding inside that sum can
     add (`LayerRule.sum_rounding`), so that the factor bounds what is actually added."""
-    sq_norms: Sums = {}
     explicit: Sums = {}
+    for binding, cs in calls.items():
+        if not methods[binding].ghost_norm:
+            for call in cs:
+                for n, g in _per_sample(binding, call).items():
+                    _add(explicit, binding.params[n], g)
+    sq_norms = _norms_together(calls, methods, explicit)
     rounding: Sums = {}
-    _gram_norms_together(calls, methods)
     for binding, cs in calls.items():
         local = list(binding.params)
         for call in cs:
             if methods[binding].ghost_norm:  # first: the rounding bound reuses what it computes
                 for n, v in binding.rule.ghost_sq_norms(binding.module, call, local).items():
                     _add(sq_norms, binding.params[n], to_acc(v))
-            else:
-                for n, g in _per_sample(binding, call).items():
-                    _add(explicit, binding.params[n], g)
             if not methods[binding].reuse:
                 for n, v in binding.rule.sum_rounding(binding.module, call, local).items():
                     _add(rounding, binding.params[n], to_acc(v))
-    for name, g in explicit.items():
-        _add(sq_norms, name, squared_row_norms(g))
     if rounding:  # (n + extra)^2 for every such parameter at once
         names = list(rounding)
         raised = (_stacked([sq_norms[n] for n in names]).sqrt() + _stacked([rounding[n] for n in names])).square()
@@ -136,18 +135,28 @@ def _squared_norms(calls: dict[Binding, list[Call]], methods: dict[Binding, Laye
     return sq_norms, explicit
 
 
-def _gram_norms_together(calls: dict[Binding, list[Call]], methods: dict[Binding, LayerMethod]) -> None:
-    """The ghost norms of every weight whose norm is one Gram inner product, taken together (one
-    fused launch per shape where the kernel runs) and kept in each call's cache for its rule."""
-    layers = []
+def _norms_together(calls: dict[Binding, list[Call]], methods: dict[Binding, LayerMethod], explicit: Sums) -> Sums:
+    """The norms that many layers of a pass share launches for: the ghost norms of every weight
+    whose norm is one Gram inner product (one fused launch per shape where the kernel runs), and
+    the squared row norms of small per-example tensors (biases', norm layers'), stacked by shape.
+    The ghost rules' are kept in each call's cache for the rule; those of `explicit` are returned."""
+    layers, rows, owners = [], list(explicit.values()), []
     for binding, cs in calls.items():
         if methods[binding].ghost_norm:
+            local = list(binding.params)
             for call in cs:
-                operands = binding.rule.gram_operands(binding.module, call, list(binding.params))
+                operands = binding.rule.gram_operands(binding.module, call, local)
                 if operands is not None:
                     layers.append((call, *operands))
+                for name, x in binding.rule.row_operands(binding.module, call, local).items():
+                    owners.append((call, name))
+                    rows.append(x)
     if len(layers) > 1:
         keep_gram_norms(layers)
+    norms = squared_row_norms_together(rows)
+    for (call, name), norm in zip(owners, norms[len(explicit):]):
+        call.cache.setdefault(ROW_NORMS, {})[name] = norm
+    return dict(zip(explicit, norms[: len(explicit)]))
 
 
 def _stacked(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -40,14 +40,15 @@ def _grams(a: torch.Tensor, g: torch.Tensor, shared: dict | None) -> tuple[torch
     return gram_a, gram(g)
 
 
-def _inner_and_diagonals(a: torch.Tensor, g: torch.Tensor, shared: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(<a_i a_i^T, g_i g_i^T> (B,), the product of the two Grams' diagonals (B, T)), from Gram
+def _inner_and_diagonals(a: torch.Tensor, g: torch.Tensor, shared: dict | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(<a_i a_i^T, g_i g_i^T> (B,), the diagonals of the two Grams (B, T) each), from Gram
     matrices in float32 (float64 for float64)."""
     gram_a, gram_g = _grams(a, g, shared)
     batch = gram_g.shape[0]
     with exact_float32_matmuls():  # one batched dot product of the flattened Grams
         inner = torch.bmm(gram_a.view(batch, 1, -1), gram_g.view(batch, -1, 1)).view(batch)
-    return inner, torch.diagonal(gram_a, dim1=1, dim2=2) * torch.diagonal(gram_g, dim1=1, dim2=2)
+    return inner, torch.diagonal(gram_a, dim1=1, dim2=2), torch.diagonal(gram_g, dim1=1, dim2=2)
 
 
 def _single_position(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,10 +78,10 @@ def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, di
             inner, m = fused.ghost_sq_norms_and_spreads([layers[i][:2] for i in members])
             error = gram_error(torch.float32)
         else:
-            inners, diagonals = zip(*(_inner_and_diagonals(*layers[i]) for i in members))
-            inner, diagonal = (inners[0][None], diagonals[0][None]) if len(members) == 1 else (
-                torch.stack(inners), torch.stack(diagonals))
-            m, error = diagonal.sqrt().sum(-1), gram_error(inner.dtype)
+            inners, diagonals_a, diagonals_g = zip(*(_inner_and_diagonals(*layers[i]) for i in members))
+            inner, diagonal_a, diagonal_g = (torch.stack(parts) if len(parts) > 1 else parts[0][None]
+                                              for parts in (inners, diagonals_a, diagonals_g))
+            m, error = (diagonal_a * diagonal_g).sqrt().sum(-1), gram_error(inner.dtype)
         raised = torch.addcmul(inner.clamp(min=0), m, m, value=error)
         for row, i in enumerate(members):
             results[i] = (raised[row], m[row])

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import ghost_sq_norm_and_spread, spread
-from .precision import (accumulated_bmm, accumulation_roundoff, factors_in, kept_in_compute_dtype, product_roundoff,
-                        squared_row_norms, to_acc, weighted_sum)
+from .precision import (accumulated_bmm, accumulation_roundoff, factors_in, kept_in_compute_dtype, kept_row_norm,
+                        product_roundoff, squared_row_norms, to_acc, weighted_sum)
 from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -50,6 +50,14 @@ def grouped_grad(module: ConvNd, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], module.groups, module.out_channels // module.groups, -1)
 
 
+def bias_terms(g: torch.Tensor, call: Call) -> torch.Tensor:
+    """Per-sample bias gradients (B, C_out) from the grouped output gradient, formed once per call
+    (its norm and its clipped sum read the same)."""
+    if "bias terms" not in call.cache:
+        call.cache["bias terms"] = g.sum(-1).reshape(g.shape[0], -1)
+    return call.cache["bias terms"]
+
+
 class ConvRule(LayerRule):
     ghost = True
 
@@ -69,8 +77,13 @@ class ConvRule(LayerRule):
             w = torch.einsum("bgpl,bgdl->bgpd", g, a)
             out["weight"] = w.reshape(g.shape[0], *module.weight.shape)
         if "bias" in names:
-            out["bias"] = g.sum(-1).reshape(g.shape[0], -1)
+            out["bias"] = bias_terms(g, call)
         return out
+
+    def row_operands(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        if "bias" not in names:
+            return {}
+        return {"bias": bias_terms(grouped_grad(module, call.grad()), call)}
 
     def ghost_sq_norms(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         a, g = self._operands(module, call)
@@ -83,7 +96,7 @@ class ConvRule(LayerRule):
             out["weight"] = sq_norms.reshape(batch, groups).sum(1)
             call.cache["spread"] = per_group.reshape(batch, groups).norm(dim=1)  # sum_rounding's, as there
         if "bias" in names:
-            out["bias"] = to_acc(g.sum(-1)).square().sum((1, 2))
+            out["bias"] = kept_row_norm(call, "bias", bias_terms(g, call))
         return out
 
     def clipped_sum(self, module: ConvNd, call: Call, names, factors) -> dict[str, torch.Tensor]:
@@ -96,7 +109,7 @@ class ConvRule(LayerRule):
             flat_a = a.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2])  # (groups, B·L, d)
             out["weight"] = accumulated_bmm(flat_g, flat_a).reshape(module.weight.shape)
         if "bias" in names:
-            out["bias"] = weighted_sum(factors["bias"], g.sum(-1).reshape(g.shape[0], -1))
+            out["bias"] = weighted_sum(factors["bias"], bias_terms(g, call))
         return out
 
     def sum_rounding(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
@@ -162,6 +175,9 @@ class StdConvRule(ConvRule):
         if "bias" in out:
             out["bias"] = to_acc(out["bias"])
         return out
+
+    def row_operands(self, module: nn.Conv2d, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        return {}  # every norm comes from the explicit gradients `ghost_sq_norms` forms
 
     def ghost_sq_norms(self, module: nn.Conv2d, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: squared_row_norms(u) for n, u in self.per_sample_grads(module, call, names).items()}

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import GRAM_NORM, clipped_matmul, ghost_sq_norm_and_spread, spread
-from .precision import accumulation_roundoff, kept_in_compute_dtype, product_roundoff, squared_row_norms, weighted_sum
+from .precision import accumulation_roundoff, kept_in_compute_dtype, kept_row_norm, product_roundoff, weighted_sum
 from .rule import LayerRule
 
 
@@ -56,6 +56,9 @@ class LinearRule(LayerRule):
     def gram_operands(self, module: nn.Linear, call: Call, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return flatten_positions(call) if "weight" in names else None
 
+    def row_operands(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        return {"bias": bias_terms(flatten_positions(call)[1], call)} if "bias" in names else {}
+
     def ghost_sq_norms(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         a, g = flatten_positions(call)
         out = {}
@@ -64,7 +67,7 @@ class LinearRule(LayerRule):
             out["weight"], call.cache["spread"] = (together if together is not None
                                                    else ghost_sq_norm_and_spread(a, g, call.shared))
         if "bias" in names:
-            out["bias"] = squared_row_norms(bias_terms(g, call))
+            out["bias"] = kept_row_norm(call, "bias", bias_terms(g, call))
         return out
 
     def clipped_sum(self, module: nn.Linear, call: Call, names, factors) -> dict[str, torch.Tensor]:

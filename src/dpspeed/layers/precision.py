@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import weakref
 from typing import Iterator
 
@@ -178,11 +179,50 @@ def accumulated_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def squared_row_norms(x: torch.Tensor) -> torch.Tensor:
     """||x_i||^2 for x (B, ...), in float32 (float64 for float64): one batched dot product of each
     row with itself (16-bit rows: a norm accumulated in float32, their cast fused into it)."""
-    flat = x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
     if flat.dtype not in (torch.float32, torch.float64):
         return torch.linalg.vector_norm(flat, dim=1, dtype=acc_dtype(flat.dtype)).square()
     with exact_float32_matmuls():
         return torch.bmm(flat.unsqueeze(1), flat.unsqueeze(2)).view(flat.shape[0])
+
+
+#: per-example elements up to which `squared_row_norms_together` stacks a tensor with others of its
+#: shape: a bias's or a norm layer's gradient, where launches cost more than the copy
+STACKED_ROWS_LIMIT = 1 << 12
+
+
+def squared_row_norms_together(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`squared_row_norms` of each x (B, ...), the small ones of one shape, dtype and device in one
+    stacked product: each row's dot product is the one it has alone, in a few launches instead of
+    one per tensor."""
+    out: list = [None] * len(rows)
+    alike: dict[tuple, list[int]] = {}
+    for i, x in enumerate(rows):
+        if math.prod(x.shape[1:]) <= STACKED_ROWS_LIMIT:
+            alike.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+        else:
+            out[i] = squared_row_norms(x)
+    for members in alike.values():
+        if len(members) == 1:
+            out[members[0]] = squared_row_norms(rows[members[0]])
+            continue
+        stacked = torch.stack([rows[i] for i in members])  # (L, B, ...)
+        norms = squared_row_norms(stacked.flatten(0, 1)).view(len(members), -1)
+        for row, i in enumerate(members):
+            out[i] = norms[row]
+    return out
+
+
+#: a call's cache key for {parameter: squared row norm} of its rule's `row_operands`, computed
+#: with other layers' (`squared_row_norms_together`)
+ROW_NORMS = "row norms"
+
+
+def kept_row_norm(call: Call, name: str, x: torch.Tensor) -> torch.Tensor:
+    """`squared_row_norms(x)` for the parameter `name` of `call`: as the pipeline kept it, computed
+    with other layers' (ROW_NORMS), or now."""
+    kept = call.cache.get(ROW_NORMS, {}).pop(name, None)
+    return kept if kept is not None else squared_row_norms(x)
 
 
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:

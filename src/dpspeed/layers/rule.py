@@ -71,6 +71,13 @@ class LayerRule:
         `ghost_sq_norms` takes. None (the default): the rule computes its own."""
         return None
 
+    def row_operands(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+        """The parameters among `names` whose squared ghost norm is the squared row norm of a small
+        per-example tensor the rule forms anyway (a bias's gradient, (B, p)), name -> that tensor.
+        The pipeline takes those of a pass together (`squared_row_norms_together`) and keeps each in
+        its call's cache, which `ghost_sq_norms` takes (`kept_row_norm`). None by default (an empty dict)."""
+        return {}
+
     def clipped_sum(
         self, module: nn.Module, call: Call, names: list[str], factors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
