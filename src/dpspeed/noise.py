@@ -107,9 +107,8 @@ def exponential(n: int, uniform: Uniform, branch_free: bool | None = None) -> to
 def _round(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-ln(1 - u) for uniform draws u, GRID_END where 1 - u is the grid's smallest value (which
     also says where the draw goes on)."""
-    u.neg_().add_(1.0)  # 1 - U, in (0, 1]
-    at_end = u <= 2.0**-53
-    return u.log_().neg_().masked_fill_(at_end, GRID_END), at_end
+    at_end = u >= 1.0 - 2.0**-53  # 1 - U (exact on the grid) at its smallest value, 2^-53
+    return u.neg_().log1p_().neg_().masked_fill_(at_end, GRID_END), at_end
 
 
 def gaussian(n: int, uniform: Uniform, dtype: torch.dtype = torch.float64) -> torch.Tensor:
