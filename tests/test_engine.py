@@ -772,7 +772,8 @@ def test_a_pending_state_make_private_cannot_apply_leaves_everything_as_it_was()
     first.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                        data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0, seed=7)
     state = first.state_dict()
-    state["random"]["noise"] = {"replicated": {"cpu": torch.zeros(3, dtype=torch.uint8)}, "sharded": None}
+    unusable = [torch.zeros(3, dtype=torch.uint8)] * len(first.optimizer.noise.generators_for(torch.device("cpu")))
+    state["random"]["noise"] = {"replicated": {"cpu": unusable}, "sharded": None}
     engine, model = PrivacyEngine(), nn.Linear(3, 2)
     engine.load_state_dict(state)
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -229,3 +230,59 @@ def test_noise_drawn_across_many_tensors_reaches_each_coordinate_once():
     assert (flat != 0).all() and abs(float(flat.std()) - 3.0) < 0.05
     assert totals[-1].dtype == torch.float64
     assert not torch.equal(totals[1], totals[3][:3])  # no piece of the stream is used twice
+
+
+def test_the_cpu_streams_deal_the_chunks_round_robin_whatever_the_threads_do():
+    """Chunk k of a step's coordinates comes from stream k mod CPU_STREAMS, each stream drawing its
+    chunks in order: the same noise as one thread drawing them in turn, on every run."""
+    from dpspeed.noise import _CHUNK, CPU_STREAMS, _chunks, _uniform
+
+    cpu = torch.device("cpu")
+    sizes = (5, 3 * _CHUNK["cpu"] + 11, 7)
+    drawn = []
+    for _ in range(2):
+        totals = [torch.zeros(n) for n in sizes]
+        NoiseSource.create(None, seed=3, world=1, sharded=False, device=cpu).add_to(totals, std=1.0)
+        drawn.append(torch.cat(totals))
+    assert torch.equal(drawn[0], drawn[1])
+    generators = NoiseSource.create(None, seed=3, world=1, sharded=False, device=cpu).generators_for(cpu)
+    assert CPU_STREAMS > 1 and len(generators) == CPU_STREAMS
+    runs = _chunks([torch.zeros(sum(sizes))], _CHUNK["cpu"])
+    want = torch.cat([gaussian(size, _uniform(generators[k % CPU_STREAMS], cpu), torch.float32)
+                      for k, (_, size) in enumerate(runs)])
+    assert torch.equal(drawn[0], want)
+    first, second = (want[k * _CHUNK["cpu"] : (k + 1) * _CHUNK["cpu"]] for k in (0, 1))
+    assert not torch.equal(first, second)  # two streams, not one seed twice
+
+
+def test_a_checkpoint_with_another_number_of_streams_is_refused_by_name():
+    cpu = torch.device("cpu")
+    source = NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu)
+    one_stream = {"replicated": {"cpu": source.generators_for(cpu)[0].get_state()}, "sharded": None}
+    with pytest.raises(RuntimeError, match=r"from 1 stream\(s\), this run draws it from 2"):
+        NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu).load_state_dict(one_stream)
+
+
+def _draw_in_child(queue) -> None:
+    torch.set_num_threads(1)  # as a DataLoader worker: OpenMP's threads do not survive a fork either
+    totals = [torch.zeros(1 << 19)]
+    NoiseSource.create(None, seed=5, world=1, sharded=False, device=torch.device("cpu")).add_to(totals, std=1.0)
+    queue.put(bool((totals[0] != 0).all()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_process_forked_after_drawing_draws_noise_too():
+    """The streams' threads are not inherited by a fork: a child that drew with its parent's pool
+    waited forever."""
+    import multiprocessing
+
+    NoiseSource.create(None, seed=5, world=1, sharded=False, device=torch.device("cpu")).add_to(
+        [torch.zeros(1 << 19)], std=1.0)  # the parent's threads exist
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_draw_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5)

@@ -7,7 +7,8 @@ processes, rank 0 draws and broadcasts it
 (`parallel/data_parallel.shared_seed`). From that seed:
 - each rank's Poisson sampler: seed + rank (`sampling_seed`), so the ranks draw independently;
 - the noise of parameters every rank holds whole: seed + 7919, alike on every rank, so the noise
-  enters the global sum once;
+  enters the global sum once (on a CPU, CPU_STREAMS streams from seeds derived from it, drawn in
+  threads side by side, chunk k from stream k mod CPU_STREAMS);
 - the noise of a rank's shard of a fully_shard model: differently on every rank, so each
   coordinate gets its noise once.
 A user's seed makes all of this reproducible by anyone who knows it; the engine says so.
@@ -26,9 +27,12 @@ hardens the noise against attacks on its low-order bits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -44,6 +48,11 @@ TAIL_RADIUS = math.sqrt(2 * ROUNDS * GRID_END)
 #: the CPU; a GPU takes larger chunks, in fewer kernel launches
 _CHUNK = {"cpu": 1 << 18}
 _DEVICE_CHUNK = 1 << 22
+#: independent streams a CPU draws its noise from at once, one thread each: torch's CPU generator
+#: is sequential, and its draws are most of a small model's DP overhead there. A constant, not the
+#: machine's core count, so that a seeded run draws the same noise on every machine. A GPU draws
+#: from one stream (Philox, parallel in itself)
+CPU_STREAMS = 2
 
 Uniform = Callable[[int], torch.Tensor]  # n -> n float64 draws, uniform on [0, 1)
 
@@ -123,32 +132,67 @@ def gaussian(n: int, uniform: Uniform, dtype: torch.dtype = torch.float64) -> to
     return out[:n]
 
 
-def _add_noise(totals: list[torch.Tensor], std: float, draw: Callable[[int, torch.dtype], torch.Tensor]) -> None:
+Draw = Callable[[int, torch.dtype], torch.Tensor]  # (n, dtype) -> n draws of N(0, 1)
+
+
+def _add_noise(totals: list[torch.Tensor], std: float, draws: list[Draw]) -> None:
     """Each total += std · draw(n, dtype), the totals (of one device and dtype) taken as one
     sequence of coordinates drawn in chunks: the draw's dozens of operations run per chunk (a few
-    MB of temporaries on the CPU), not per tensor, of which a model has hundreds."""
+    MB of temporaries on the CPU), not per tensor, of which a model has hundreds. With several
+    independent streams (`draws`), chunk k comes from stream k mod their number, each stream
+    drawing its chunks in order in a thread of its own: what each coordinate gets does not depend
+    on how the threads are scheduled."""
     flats = []
     for total in totals:
         if not total.is_contiguous():  # (a channels-last gradient): one draw of its whole size
-            total.add_(draw(total.numel(), total.dtype).view(total.shape), alpha=std)
+            total.add_(draws[0](total.numel(), total.dtype).view(total.shape), alpha=std)
         elif total.numel():
             flats.append(total.view(-1))
     if not flats:
         return
-    chunk, left = _CHUNK.get(flats[0].device.type, _DEVICE_CHUNK), sum(f.numel() for f in flats)
-    index, offset = 0, 0  # the next coordinate to fill: flats[index][offset]
-    while left:
-        noise = draw(min(chunk, left), flats[0].dtype)
-        left -= noise.numel()
-        targets, parts, used = [], [], 0
-        while used < noise.numel():
-            take = min(noise.numel() - used, flats[index].numel() - offset)
-            targets.append(flats[index][offset : offset + take])
-            parts.append(noise[used : used + take])
-            used, offset = used + take, offset + take
-            if offset == flats[index].numel():
-                index, offset = index + 1, 0
-        torch._foreach_add_(targets, parts, alpha=std)  # one launch for the chunk's pieces
+    chunks = _chunks(flats, _CHUNK.get(flats[0].device.type, _DEVICE_CHUNK))
+
+    def drawn_by(stream: int) -> None:
+        for targets, size in chunks[stream :: len(draws)]:
+            noise, used = draws[stream](size, flats[0].dtype), 0
+            parts = []
+            for target in targets:
+                parts.append(noise[used : used + target.numel()])
+                used += target.numel()
+            torch._foreach_add_(targets, parts, alpha=std)  # one launch for the chunk's pieces
+
+    if len(draws) == 1:
+        drawn_by(0)
+    else:
+        for done in [_threads().submit(drawn_by, stream) for stream in range(len(draws))]:
+            done.result()
+
+
+def _chunks(flats: list[torch.Tensor], chunk: int) -> list[tuple[list[torch.Tensor], int]]:
+    """The flat totals cut into runs of `chunk` coordinates (the last one shorter), each run as the
+    pieces of totals it covers, in order, and its length."""
+    runs, pieces, size = [], [], 0
+    for flat in flats:
+        offset = 0
+        while offset < flat.numel():
+            take = min(chunk - size, flat.numel() - offset)
+            pieces.append(flat[offset : offset + take])
+            offset, size = offset + take, size + take
+            if size == chunk:
+                runs.append((pieces, size))
+                pieces, size = [], 0
+    if pieces:
+        runs.append((pieces, size))
+    return runs
+
+
+@functools.cache
+def _threads() -> ThreadPoolExecutor:
+    """The threads the CPU streams draw in (torch's operations let go of the GIL)."""
+    return ThreadPoolExecutor(max_workers=CPU_STREAMS, thread_name_prefix="dpspeed-noise")
+
+
+os.register_at_fork(after_in_child=_threads.cache_clear)  # a forked child has none of its parent's threads
 
 
 def _by_device_and_dtype(totals: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
@@ -173,7 +217,7 @@ class NoiseSource:
         self.seed = seed
         self.user_generator = generator
         self.sharded = sharded
-        self._replicated: dict[torch.device, torch.Generator] = {}
+        self._replicated: dict[torch.device, list[torch.Generator]] = {}
 
     @classmethod
     def create(cls, generator: torch.Generator | None, seed: int, world: int, sharded: bool,
@@ -185,42 +229,55 @@ class NoiseSource:
             start = generator.initial_seed() if generator is not None else seed
             shard_generator = seeded_generator((start + 104729 * (dist.get_rank() + 1)) % 2**63, device)
         source = cls(seed, generator, shard_generator)
-        source.generator_for(torch.device(device))
+        source.generators_for(torch.device(device))
         return source
 
-    def generator_for(self, device: torch.device) -> torch.Generator:
-        """The replicated stream on `device`."""
+    def generators_for(self, device: torch.device) -> list[torch.Generator]:
+        """The replicated streams on `device`: CPU_STREAMS on a CPU, one on a GPU, the user's one
+        generator if given."""
         if self.user_generator is not None:
             if torch.device(self.user_generator.device).type != device.type:
                 raise ValueError(f"noise_generator lives on {self.user_generator.device}, a parameter on {device}")
-            return self.user_generator
+            return [self.user_generator]
         if device not in self._replicated:
-            seed = (self.seed + 7919 + 1_000_003 * len(self._replicated)) % 2**63
-            self._replicated[device] = seeded_generator(seed, device)
+            seed = self.seed + 7919 + 1_000_003 * len(self._replicated)
+            streams = CPU_STREAMS if device.type == "cpu" else 1
+            self._replicated[device] = [seeded_generator((seed + 998_244_353 * k) % 2**63, device)
+                                        for k in range(streams)]
         return self._replicated[device]
 
     def add_to(self, totals: list[torch.Tensor], std: float, sharded: bool = False) -> None:
         """Each total += N(0, std²) per coordinate, in place, with no cut-off in the tails."""
         for (device, _), group in _by_device_and_dtype(totals).items():
-            generator = self.sharded if sharded and self.sharded is not None else self.generator_for(device)
-            uniform = _uniform(generator, device)
-            _add_noise(group, std, lambda n, dtype: gaussian(n, uniform, dtype))
+            generators = [self.sharded] if sharded and self.sharded is not None else self.generators_for(device)
+            _add_noise(group, std, [_gaussian_draw(_uniform(g, device)) for g in generators])
 
     def new_step(self) -> None:
         """A new logical step (the streams simply go on)."""
 
     def state_dict(self) -> dict:
         """The generators' states: a run resumed from them continues their streams exactly."""
-        replicated = {str(self.user_generator.device): self.user_generator} if self.user_generator is not None \
-            else {str(d): g for d, g in self._replicated.items()}
-        return {"replicated": {d: g.get_state() for d, g in replicated.items()},
+        replicated = {str(self.user_generator.device): [self.user_generator]} if self.user_generator is not None \
+            else {str(d): gs for d, gs in self._replicated.items()}
+        return {"replicated": {d: [g.get_state() for g in gs] for d, gs in replicated.items()},
                 "sharded": self.sharded.get_state() if self.sharded is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         for device, saved in state["replicated"].items():
-            self.generator_for(torch.device(device)).set_state(saved)
+            saved = saved if isinstance(saved, list) else [saved]  # (one state: an older checkpoint's)
+            generators = self.generators_for(torch.device(device))
+            if len(saved) != len(generators):
+                raise RuntimeError(
+                    f"the checkpoint's noise on {device} comes from {len(saved)} stream(s), this run draws it from "
+                    f"{len(generators)}: it was saved by another version of dpspeed, or with(out) a noise_generator")
+            for generator, one in zip(generators, saved):
+                generator.set_state(one)
         if self.sharded is not None and state["sharded"] is not None:
             self.sharded.set_state(state["sharded"])
+
+
+def _gaussian_draw(uniform: Uniform) -> Draw:
+    return lambda n, dtype: gaussian(n, uniform, dtype)
 
 
 class SecureStream:
@@ -273,7 +330,7 @@ class SecureNoiseSource:
         """Each total += N(0, std²) per coordinate, in place."""
         for (device, _), group in _by_device_and_dtype(totals).items():
             uniform = (self.sharded if sharded else self.replicated).uniform(device)
-            _add_noise(group, std, lambda n, dtype: secure_gaussian(n, uniform, dtype))
+            _add_noise(group, std, [lambda n, dtype: secure_gaussian(n, uniform, dtype)])
 
     def state_dict(self) -> dict:
         return {}
