@@ -32,7 +32,7 @@ def _norms(layers: list[tuple[torch.Tensor, torch.Tensor]], kernel: bool) -> tor
     """The raised squared norms of `layers` taken together, as training takes them: one fused launch
     (`kernel`) or the torch path's Gram products."""
     os.environ[ghost_norm.ENABLE_VARIABLE] = "1" if kernel else "0"
-    return torch.stack([sq for sq, _ in _gram.ghost_sq_norms_and_spreads([(a, g, None) for a, g in layers])])
+    return torch.stack([sq for sq, *_ in _gram.ghost_sq_norms_and_spreads([(a, g, None) for a, g in layers])])
 
 
 def measure(fn, layers: list, device: torch.device, repeats: int) -> dict:

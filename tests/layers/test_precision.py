@@ -214,14 +214,33 @@ def test_small_row_norms_are_stacked_and_match_each_alone():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
-def test_a_pass_takes_its_bias_and_norm_layer_norms_together(monkeypatch):
+def test_small_weighted_sums_are_taken_side_by_side_and_match_each_alone():
+    """Terms of one factor tensor, dtype and device share a product; others, and tensors above the
+    limit, are summed as they are; each sum keeps its shape and the value it has alone."""
+    from dpspeed.layers.precision import STACKED_ROWS_LIMIT, weighted_sum, weighted_sums_together
+
+    torch.manual_seed(0)
+    c, d = torch.rand(5), torch.rand(5)
+    terms = [(c, torch.randn(5, 7)), (c, torch.randn(5, 3, 4)), (d, torch.randn(5, 7)),
+             (c, torch.randn(5, STACKED_ROWS_LIMIT + 1)), (c, torch.randn(5, 7, dtype=torch.bfloat16)),
+             (c, torch.randn(5, 2, dtype=torch.bfloat16)), (c, torch.randn(5, 7) * 1e3),
+             (torch.rand(0), torch.randn(0, 7)), (torch.rand(0), torch.randn(0, 7))]
+    for (factors, x), got in zip(terms, weighted_sums_together(terms)):
+        want = weighted_sum(factors, x)
+        assert got.dtype == want.dtype and got.shape == x.shape[1:]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_pass_takes_its_bias_and_norm_layer_norms_and_sums_together(monkeypatch):
     """Three Linear biases and a LayerNorm's two per-example gradients, all (B, 8): one squared row
-    norm product for the five, and the sum still the one-example reference's."""
+    norm product and one clipped-sum product for the five, and the sum still the one-example
+    reference's."""
     from dpspeed.layers import precision
 
-    calls = []
-    alone = precision.squared_row_norms
+    calls, sums = [], []
+    alone, summed = precision.squared_row_norms, precision.weighted_sum
     monkeypatch.setattr(precision, "squared_row_norms", lambda x: calls.append(tuple(x.shape)) or alone(x))
+    monkeypatch.setattr(precision, "weighted_sum", lambda c, x: sums.append(tuple(x.shape)) or summed(c, x))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
     x, y = torch.randn(6, 4, 8), torch.randn(6, 4, 8)
@@ -229,7 +248,7 @@ def test_a_pass_takes_its_bias_and_norm_layer_norms_together(monkeypatch):
     got, engine = private_grads(copy.deepcopy(model), loss, (x, y), clipping_mode="bk", loss_reduction="sum",
                                 max_grad_norm=0.5)
     engine.detach()
-    assert calls == [(5 * 6, 8)]
+    assert calls == [(5 * 6, 8)] and sums == [(6, 5 * 8)]
     examples = [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
     want = reference_sum(per_example_grads(model, loss, examples), [[n for n, _ in model.named_parameters()]], [0.5],
                          "abadi")

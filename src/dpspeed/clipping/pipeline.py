@@ -18,7 +18,8 @@ from torch.utils._pytree import tree_map
 
 from ..capture.records import Binding, Call, Recording
 from ..layers import keep_gram_norms
-from ..layers.precision import ROW_NORMS, squared_row_norms_together, to_acc, weighted_sum
+from ..layers.precision import (ROW_NORMS, ROW_SUMS, squared_row_norms_together, to_acc, weighted_sum,
+                                weighted_sums_together)
 from ..profiling import section
 from .config import ClippingConfig
 from .groups import Grouping
@@ -227,6 +228,7 @@ def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[Sums]:
     def factor(name: str) -> torch.Tensor:
         return per_group[grouping.group_of[name]]
 
+    small = _small_sums_together(pf, factor)
     done: set[str] = set()
     for binding, cs in pf.calls.items():
         names = [n for n in binding.params.values() if n not in done]
@@ -235,7 +237,8 @@ def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[Sums]:
             continue
         method = pf.methods[binding]
         if method.reuse and not method.ghost_norm:
-            yield {name: weighted_sum(factor(name), pf.explicit[name]) for name in names}
+            yield {name: small.pop(name) if name in small else weighted_sum(factor(name), pf.explicit[name])
+                   for name in names}
             continue
         sums: Sums = {}
         local_factors = {n: factor(g) for n, g in binding.params.items()}
@@ -243,6 +246,28 @@ def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[Sums]:
             for n, s in _clipped_sum(binding, call, local_factors).items():
                 _add(sums, binding.params[n], s)
         yield {name: sums[name] for name in names}  # in the binding's order, which every rank shares
+
+
+def _small_sums_together(pf: PassFactors, factor: Callable[[str], torch.Tensor]) -> Sums:
+    """The clipped sums of small per-example tensors (`weighted_sums_together`): of the rules'
+    `row_operands` in book-keeping layers, kept in each call's cache for its rule's `clipped_sum`,
+    and of the explicit gradients the sums reuse, returned by name."""
+    explicit = list(dict.fromkeys(name for binding in pf.calls if pf.methods[binding] == EXPLICIT
+                                  for name in binding.params.values() if name in pf.explicit))
+    terms = [(factor(name), pf.explicit[name]) for name in explicit]
+    owners = []
+    for binding, cs in pf.calls.items():
+        if not pf.methods[binding].reuse:
+            local = list(binding.params)
+            for call in cs:
+                if call.rows_per_example == 1:
+                    for name, x in binding.rule.row_operands(binding.module, call, local).items():
+                        owners.append((call, name))
+                        terms.append((factor(binding.params[name]), x))
+    sums = weighted_sums_together(terms)
+    for (call, name), total in zip(owners, sums[len(explicit):]):
+        call.cache.setdefault(ROW_SUMS, {})[name] = total
+    return dict(zip(explicit, sums[: len(explicit)]))
 
 
 def clip_pass(recorded: Recording, config: ClippingConfig, row_mask: torch.Tensor | None = None,

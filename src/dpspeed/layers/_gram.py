@@ -7,8 +7,8 @@ import torch
 
 from ..capture.records import Call
 from ..kernels import ghost_norm as fused
-from .precision import (accumulated_bmm, accumulated_mm, exact_float32_matmuls, factors_in, gram_error,
-                        product_operand, to_acc)
+from .precision import (accumulated_bmm, accumulated_mm, book_keeping_roundoff, exact_float32_matmuls, factors_in,
+                        gram_error, product_operand, to_acc)
 
 
 def aligned_positions(t: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,11 @@ def _single_position(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, to
     return product, product.sqrt()
 
 
-def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, dict | None]]
-                               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, dict | None]], bounds: bool = False
+                               ) -> list[tuple[torch.Tensor, ...]]:
     """(||a_i^T g_i||_F^2, M_i) for each layer's a (B, T, d), g (B, T, p) (and `shared`, as in
-    `_grams`). The squared norm is <a_i a_i^T, g_i g_i^T> from Gram matrices in float32 (16-bit
+    `_grams`), with `bounds` also the rounding bound of the layer's book-keeping sum,
+    `book_keeping_roundoff` · M_i (one product for all layers taken together). The squared norm is <a_i a_i^T, g_i g_i^T> from Gram matrices in float32 (16-bit
     operands multiply exactly into float32 on the tensor cores), raised by gram_error · M^2 for
     their rounding (precision.py); M = sum_t ||a_t||·||g_t|| comes from the Grams' diagonals, and
     is what a book-keeping sum's rounding scales with (`spread`). Layers alike in batch,
@@ -70,7 +71,8 @@ def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, di
     alike: dict[tuple, list[int]] = {}
     for i, (a, g, _) in enumerate(layers):
         if a.shape[1] == 1:
-            results[i] = _single_position(a, g)
+            raised, m = _single_position(a, g)
+            results[i] = (raised, m, m * book_keeping_roundoff(g.dtype, g.device, 1)) if bounds else (raised, m)
         else:
             alike.setdefault((tuple(a.shape[:2]), a.dtype, g.dtype, fused.available(a, g)), []).append(i)
     for (_, _, dtype, kernel), members in alike.items():
@@ -83,8 +85,10 @@ def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, di
                                               for parts in (inners, diagonals_a, diagonals_g))
             m, error = (diagonal_a * diagonal_g).sqrt().sum(-1), gram_error(inner.dtype)
         raised = torch.addcmul(inner.clamp(min=0), m, m, value=error)
+        a, g, _ = layers[members[0]]  # alike: one rounding per unit of spread for all of them
+        bound = m * book_keeping_roundoff(g.dtype, g.device, a.shape[1]) if bounds else None
         for row, i in enumerate(members):
-            results[i] = (raised[row], m[row])
+            results[i] = (raised[row], m[row], bound[row]) if bounds else (raised[row], m[row])
     return results
 
 
@@ -94,8 +98,8 @@ GRAM_NORM = "gram norm"
 
 def keep_gram_norms(layers: list[tuple[Call, torch.Tensor, torch.Tensor]]) -> None:
     """`ghost_sq_norms_and_spreads` of every (call, a, g) at once, each kept in its call's cache
-    under GRAM_NORM for its rule's `ghost_sq_norms` (`LayerRule.gram_operands`)."""
-    norms = ghost_sq_norms_and_spreads([(a, g, call.shared) for call, a, g in layers])
+    under GRAM_NORM for its rule's `ghost_sq_norms` and `sum_rounding` (`LayerRule.gram_operands`)."""
+    norms = ghost_sq_norms_and_spreads([(a, g, call.shared) for call, a, g in layers], bounds=True)
     for (call, _, _), norm in zip(layers, norms):
         call.cache[GRAM_NORM] = norm
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..capture.records import Call
 from ._gram import ghost_sq_norm_and_spread, spread
-from .precision import (accumulated_bmm, accumulation_roundoff, factors_in, kept_in_compute_dtype, kept_row_norm,
-                        product_roundoff, squared_row_norms, to_acc, weighted_sum)
+from .precision import (accumulated_bmm, book_keeping_roundoff, factors_in, kept_in_compute_dtype, kept_row_norm,
+                        kept_row_sum, squared_row_norms, to_acc)
 from .rule import LayerRule
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -109,7 +109,7 @@ class ConvRule(LayerRule):
             flat_a = a.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2])  # (groups, B·L, d)
             out["weight"] = accumulated_bmm(flat_g, flat_a).reshape(module.weight.shape)
         if "bias" in names:
-            out["bias"] = weighted_sum(factors["bias"], bias_terms(g, call))
+            out["bias"] = kept_row_sum(call, "bias", factors["bias"], bias_terms(g, call))
         return out
 
     def sum_rounding(self, module: ConvNd, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
@@ -120,7 +120,7 @@ class ConvRule(LayerRule):
         if "weight" not in names:
             return {}
         g = grouped_grad(module, call.grad())  # the dtype the products are taken in
-        rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, g.shape[3])
+        rounding = book_keeping_roundoff(g.dtype, g.device, g.shape[3])
         spread_of = call.cache.get("spread")  # the ghost norm's, from its Grams' diagonals
         if spread_of is None:
             a, g = self._operands(module, call)

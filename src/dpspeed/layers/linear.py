@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..capture.records import Call
-from ._gram import GRAM_NORM, clipped_matmul, ghost_sq_norm_and_spread, spread
-from .precision import accumulation_roundoff, kept_in_compute_dtype, kept_row_norm, product_roundoff, weighted_sum
+from ._gram import GRAM_NORM, clipped_matmul, ghost_sq_norms_and_spreads, spread
+from .precision import book_keeping_roundoff, kept_in_compute_dtype, kept_row_norm, kept_row_sum
 from .rule import LayerRule
 
 
@@ -64,8 +64,9 @@ class LinearRule(LayerRule):
         out = {}
         if "weight" in names:
             together = call.cache.pop(GRAM_NORM, None)
-            out["weight"], call.cache["spread"] = (together if together is not None
-                                                   else ghost_sq_norm_and_spread(a, g, call.shared))
+            if together is None:
+                together = ghost_sq_norms_and_spreads([(a, g, call.shared)], bounds=True)[0]
+            out["weight"], _, call.cache["sum rounding"] = together
         if "bias" in names:
             out["bias"] = kept_row_norm(call, "bias", bias_terms(g, call))
         return out
@@ -76,20 +77,21 @@ class LinearRule(LayerRule):
         if "weight" in names:
             out["weight"] = clipped_matmul(a, g, factors["weight"])
         if "bias" in names:
-            out["bias"] = weighted_sum(factors["bias"], bias_terms(g, call))
+            out["bias"] = kept_row_sum(call, "bias", factors["bias"], bias_terms(g, call))
         return out
 
     def sum_rounding(self, module: nn.Linear, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
         """The weight's book-keeping product rounds its factor-scaled operand and accumulates the T
         products of each example (the bias's sum is exact): (product_roundoff + T · accumulation
-        roundoff) · sum_t ||a_t||·||g_t||, that sum taken from the ghost norm when it ran."""
+        roundoff) · sum_t ||a_t||·||g_t|| (`book_keeping_roundoff`), the whole bound as the ghost
+        norm formed it, from its Grams' diagonals, when it ran."""
         if "weight" not in names:
             return {}
+        if "sum rounding" in call.cache:
+            return {"weight": call.cache["sum rounding"]}
         g = call.grad()
         positions = g[0].numel() // g.shape[-1] if g.shape[0] else 1
-        rounding = product_roundoff(g.dtype, g.device) + accumulation_roundoff(g.dtype, positions)
-        m = call.cache.get("spread")  # the ghost norm's, from its Grams' diagonals
-        return {"weight": rounding * (spread(*flatten_positions(call)) if m is None else m)}
+        return {"weight": book_keeping_roundoff(g.dtype, g.device, positions) * spread(*flatten_positions(call))}
 
     def costs(self, module: nn.Linear, call: Call) -> tuple[float, float]:
         return linear_costs(call.input(), call.grad())

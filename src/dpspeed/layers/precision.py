@@ -106,6 +106,13 @@ def accumulation_roundoff(dtype: torch.dtype, terms: int) -> float:
     return terms * torch.finfo(acc_dtype(dtype)).eps / 2
 
 
+def book_keeping_roundoff(dtype: torch.dtype, device: torch.device, positions: int) -> float:
+    """Per unit of an example's spread sum_t ||a_t||·||g_t||, what rounding can add to its
+    contribution in a book-keeping product of `dtype` operands, its factor-scaled operand rounded
+    and its `positions` products accumulated: product_roundoff + positions · accumulation roundoff."""
+    return product_roundoff(dtype, device) + accumulation_roundoff(dtype, positions)
+
+
 def gram_error(dtype: torch.dtype) -> float:
     """The relative error allowed for a Gram product's accumulation, per unit of M^2: 2^-20 in
     float32 (16-bit and float32 operands; 16-bit ones multiply exactly), 2^-48 in float64. An
@@ -228,6 +235,42 @@ def kept_row_norm(call: Call, name: str, x: torch.Tensor) -> torch.Tensor:
 def weighted_sum(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     """sum_i factors[i] * per_sample[i]: one matrix product in the per-sample dtype, accumulated
     and returned in float32 or better."""
-    flat = per_sample.reshape(per_sample.shape[0], -1)
+    flat = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
     row = factors_in(per_sample.dtype, factors).unsqueeze(0)
     return accumulated_mm(row, flat).view(per_sample.shape[1:])
+
+
+def weighted_sums_together(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """`weighted_sum(factors, per_sample)` of each term, the small per-example tensors (as
+    `squared_row_norms_together`) of one factor tensor, dtype and device side by side in one
+    matrix product: each coordinate's sum is the one it has alone."""
+    out: list = [None] * len(terms)
+    alike: dict[tuple, list[int]] = {}
+    for i, (factors, x) in enumerate(terms):
+        if math.prod(x.shape[1:]) <= STACKED_ROWS_LIMIT:
+            alike.setdefault((id(factors), x.shape[0], x.dtype, x.device), []).append(i)
+        else:
+            out[i] = weighted_sum(factors, x)
+    for members in alike.values():
+        factors = terms[members[0]][0]
+        if len(members) == 1:
+            out[members[0]] = weighted_sum(factors, terms[members[0]][1])
+            continue
+        flats = [terms[i][1].reshape(terms[i][1].shape[0], math.prod(terms[i][1].shape[1:])) for i in members]
+        sums = weighted_sum(factors, torch.cat(flats, 1)).split([f.shape[1] for f in flats])
+        for i, total in zip(members, sums):
+            out[i] = total.view(terms[i][1].shape[1:])
+    return out
+
+
+#: a call's cache key for {parameter: clipped sum} of its rule's `row_operands`, formed with other
+#: layers' (`weighted_sums_together`)
+ROW_SUMS = "row sums"
+
+
+def kept_row_sum(call: Call, name: str, factors: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`weighted_sum(factors, x)` for the parameter `name` of `call`: as the pipeline kept it,
+    formed with other layers' (ROW_SUMS), or now."""
+    kept = call.cache.get(ROW_SUMS, {}).pop(name, None)
+    return kept if kept is not None else weighted_sum(factors, x)
+

@@ -72,10 +72,11 @@ class LayerRule:
         return None
 
     def row_operands(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
-        """The parameters among `names` whose squared ghost norm is the squared row norm of a small
-        per-example tensor the rule forms anyway (a bias's gradient, (B, p)), name -> that tensor.
-        The pipeline takes those of a pass together (`squared_row_norms_together`) and keeps each in
-        its call's cache, which `ghost_sq_norms` takes (`kept_row_norm`). None by default (an empty dict)."""
+        """The parameters among `names` whose per-example gradient is a small tensor the rule forms
+        anyway (a bias's, (B, p)), name -> that tensor. The pipeline takes the squared row norms
+        and the clipped sums of those of a pass together (`squared_row_norms_together`,
+        `weighted_sums_together`) and keeps each in its call's cache, which `ghost_sq_norms` and
+        `clipped_sum` take (`kept_row_norm`, `kept_row_sum`). None by default (an empty dict)."""
         return {}
 
     def clipped_sum(
