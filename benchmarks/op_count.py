@@ -12,6 +12,9 @@ Counted on the CPU, the ghost norms' Gram operands are not padded to 8 positions
 (layers/_gram.py): a GPU's bk step issues about one more operation per Gram matrix (~100 on
 ViT-base) than this count.
 
+The noise is drawn from one stream, as on a GPU: a CPU's second stream runs in a thread of its
+own, whose operations a dispatch mode (entered on one thread) does not see.
+
 With the fused ghost-norm kernel, as a GPU step takes it, Triton's interpreter standing in for
 the GPU (each launch counts as one operation, the interpreter's own copies none):
 
@@ -31,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpspeed.bench.setups import NON_PRIVATE, Setup
 from dpspeed.bench.study import write_result
+from dpspeed import noise
 from dpspeed.kernels import ghost_norm as fused
 from dpspeed.profiling import SectionTimer
 
@@ -136,6 +140,7 @@ def main() -> None:
     if args.fused_kernel != interpreted:
         parser.error("--fused-kernel goes with TRITON_INTERPRET=1 DPSPEED_FUSED_GHOST_NORM=1 in the environment, "
                      "and they with it")
+    noise.CPU_STREAMS = 1  # one stream, as on a GPU: every draw on this thread, where it is counted
     torch.manual_seed(0)
     base = timm.create_model(args.model, img_size=args.image_size, num_classes=10, embed_dim=args.width,
                              num_heads=max(1, args.width // 16))

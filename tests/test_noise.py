@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from dpspeed import PrivacyEngine
 from dpspeed.noise import TAIL_RADIUS, NoiseSource, exponential, gaussian
 from tests.helpers.engines import private_linear
 
@@ -255,12 +256,32 @@ def test_the_cpu_streams_deal_the_chunks_round_robin_whatever_the_threads_do():
     assert not torch.equal(first, second)  # two streams, not one seed twice
 
 
-def test_a_checkpoint_with_another_number_of_streams_is_refused_by_name():
+def test_a_one_stream_checkpoint_goes_on_in_the_first_stream_and_more_streams_are_refused():
+    """A checkpoint of one stream per device (before CPU_STREAMS): its stream goes on as the first,
+    the second starts from its seed, which nothing drew from. A run with fewer streams than the
+    checkpoint refuses it, before its step count and sampler are restored."""
     cpu = torch.device("cpu")
-    source = NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu)
-    one_stream = {"replicated": {"cpu": source.generators_for(cpu)[0].get_state()}, "sharded": None}
-    with pytest.raises(RuntimeError, match=r"from 1 stream\(s\), this run draws it from 2"):
-        NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu).load_state_dict(one_stream)
+    older = NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu)
+    older.generators_for(cpu)[0].manual_seed(99)  # a stream somewhere along its way
+    fresh = NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu)
+    resumed = NoiseSource.create(None, seed=4, world=1, sharded=False, device=cpu)
+    resumed.load_state_dict({"replicated": {"cpu": older.generators_for(cpu)[0].get_state()}, "sharded": None})
+    first, second = resumed.generators_for(cpu)
+    assert torch.equal(first.get_state(), older.generators_for(cpu)[0].get_state())
+    assert torch.equal(second.get_state(), fresh.generators_for(cpu)[1].get_state())
+
+    model = torch.nn.Linear(3, 2)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3)), batch_size=4)
+    engine = PrivacyEngine()
+    engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+                        noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0))
+    state = engine.state_dict()
+    state["logical_steps"] = 5
+    state["random"] = {"sampler": None, "noise": {"replicated": {"cpu": [first.get_state(), second.get_state()]},
+                                                   "sharded": None}}
+    with pytest.raises(RuntimeError, match=r"from 2 streams, this run draws it from 1"):
+        engine.load_state_dict(state)
+    assert engine.optimizer.logical_steps == 0
 
 
 _FORKED_DRAW = """

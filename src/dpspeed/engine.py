@@ -442,13 +442,14 @@ class PrivacyEngine:
         self._continue(state)
 
     def _continue(self, state: dict) -> None:
-        """The restored step count and (a reproducible run's) random streams, into what make_private made."""
+        """The restored step count and (a reproducible run's) random streams, into what make_private
+        made; the noise first, which may refuse the state before anything else is restored."""
+        if "random" in state:
+            self.optimizer.noise.load_state_dict(state["random"]["noise"])
+            self.data_loader.load_state_dict(state["random"]["sampler"])
         self.optimizer.logical_steps = state["logical_steps"]
         if self._target is not None and self.poisson_sampling:
             self._keep_the_target()
-        if "random" in state:
-            self.data_loader.load_state_dict(state["random"]["sampler"])
-            self.optimizer.noise.load_state_dict(state["random"]["noise"])
 
     def save_checkpoint(self, path, module: nn.Module, optimizer: DPOptimizer, **extra) -> None:
         """One file with what a run needs to go on: the model's and the optimizer's state dicts and

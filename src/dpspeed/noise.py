@@ -32,7 +32,7 @@ import hashlib
 import math
 import os
 import secrets
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch
@@ -164,7 +164,9 @@ def _add_noise(totals: list[torch.Tensor], std: float, draws: list[Draw]) -> Non
     if len(draws) == 1:
         drawn_by(0)
     else:
-        for done in [_threads().submit(drawn_by, stream) for stream in range(len(draws))]:
+        running = [_threads().submit(drawn_by, stream) for stream in range(len(draws))]
+        wait(running)  # both done before a failure is raised: no thread adds noise after this returns
+        for done in running:
             done.result()
 
 
@@ -264,12 +266,14 @@ class NoiseSource:
 
     def load_state_dict(self, state: dict) -> None:
         for device, saved in state["replicated"].items():
-            saved = saved if isinstance(saved, list) else [saved]  # (one state: an older checkpoint's)
+            # one state: a checkpoint of one stream per device, whose stream goes on as the first; the
+            # others (seeded apart, never drawn from) start afresh
+            saved = saved if isinstance(saved, list) else [saved]
             generators = self.generators_for(torch.device(device))
-            if len(saved) != len(generators):
+            if len(saved) > len(generators):
                 raise RuntimeError(
-                    f"the checkpoint's noise on {device} comes from {len(saved)} stream(s), this run draws it from "
-                    f"{len(generators)}: it was saved by another version of dpspeed, or with(out) a noise_generator")
+                    f"the checkpoint's noise on {device} comes from {len(saved)} streams, this run draws it from "
+                    f"{len(generators)}: it was saved with another noise_generator setting")
             for generator, one in zip(generators, saved):
                 generator.set_state(one)
         if self.sharded is not None and state["sharded"] is not None:

@@ -253,3 +253,49 @@ def test_a_pass_takes_its_bias_and_norm_layer_norms_and_sums_together(monkeypatc
     want = reference_sum(per_example_grads(model, loss, examples), [[n for n, _ in model.named_parameters()]], [0.5],
                          "abadi")
     assert_close(got, want, rtol=1e-5)
+
+
+class _BackwardUnderAutocast:
+    """A loss whose backward pass runs inside the user's bf16 autocast (clipping runs in its hooks)."""
+
+    def __init__(self, loss: torch.Tensor):
+        self.loss = loss
+
+    def backward(self) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            self.loss.backward()
+
+
+def test_clipping_inside_the_users_autocast_keeps_each_example_within_r():
+    """A float32 layer's norms and clipped sum were taken in bf16 when the backward pass ran under
+    autocast, past the float32 rounding bound: one example added up to 1.002 R."""
+    worst = 0.0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = nn.Linear(64, 64, bias=False)
+        x, y = torch.randn(1, 16, 64), torch.randn(1, 16, 64)
+        loss = lambda m, b: _BackwardUnderAutocast((m(b[0]) - b[1]).square().sum())  # noqa: E731
+        got, engine = private_grads(model, loss, (x, y), clipping_mode="bk", loss_reduction="sum", max_grad_norm=1.0)
+        engine.detach()
+        assert got["weight"].dtype == torch.float32
+        worst = max(worst, float(got["weight"].double().norm()))
+    assert worst <= 1.0
+
+
+def test_only_small_explicit_sums_are_formed_ahead_of_their_layers(monkeypatch):
+    """The small explicit gradients' sums are formed together before the first layer's are handed
+    on; a large one is summed in its turn (the sums stream to FSDP's reduce-scatter layer by layer)."""
+    from dpspeed.clipping import pipeline
+    from dpspeed.layers.precision import STACKED_ROWS_LIMIT
+
+    seen = []
+    together = pipeline.weighted_sums_together
+    monkeypatch.setattr(pipeline, "weighted_sums_together",
+                        lambda terms: seen.extend(x[0].numel() for _, x in terms) or together(terms))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 80), nn.Tanh(), nn.Linear(80, 4))
+    x, y = torch.randn(5, 80), torch.randn(5, 4)
+    loss = lambda m, b: (m(b[0]) - b[1]).square().sum()  # noqa: E731
+    _, engine = private_grads(model, loss, (x, y), clipping_mode="per-example", loss_reduction="sum")
+    engine.detach()
+    assert 80 * 80 > STACKED_ROWS_LIMIT and 80 in seen and max(seen) <= STACKED_ROWS_LIMIT

@@ -10,6 +10,7 @@ module) to the sum of clipped per-example gradients:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -18,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from ..capture.records import Binding, Call, Recording
 from ..layers import keep_gram_norms
-from ..layers.precision import (ROW_NORMS, ROW_SUMS, squared_row_norms_together, to_acc, weighted_sum,
+from ..layers.precision import (ROW_NORMS, ROW_SUMS, STACKED_ROWS_LIMIT, squared_row_norms_together, without_autocast, to_acc, weighted_sum,
                                 weighted_sums_together)
 from ..profiling import section
 from .config import ClippingConfig
@@ -182,6 +183,7 @@ def _group_norms(sq_norms: Sums, grouping: Grouping, batch: int) -> torch.Tensor
 
 
 @torch.no_grad()
+@without_autocast()
 def clip_factors(recorded: Recording, config: ClippingConfig, row_mask: torch.Tensor | None = None) -> PassFactors | None:
     """Per-example norms of every group and their clipping factors; None for an empty pass. With a
     mean-reduced loss the recorded gradients carry a 1/batch factor, undone so that each example's
@@ -251,9 +253,11 @@ def clipped_sums(pf: PassFactors, grouping: Grouping) -> Iterator[Sums]:
 def _small_sums_together(pf: PassFactors, factor: Callable[[str], torch.Tensor]) -> Sums:
     """The clipped sums of small per-example tensors (`weighted_sums_together`): of the rules'
     `row_operands` in book-keeping layers, kept in each call's cache for its rule's `clipped_sum`,
-    and of the explicit gradients the sums reuse, returned by name."""
+    and of the small explicit gradients the sums reuse (at most STACKED_ROWS_LIMIT coordinates per
+    example: the others are summed layer by layer, as they are handed on), returned by name."""
     explicit = list(dict.fromkeys(name for binding in pf.calls if pf.methods[binding] == EXPLICIT
-                                  for name in binding.params.values() if name in pf.explicit))
+                                  for name in binding.params.values()
+                                  if name in pf.explicit and math.prod(pf.explicit[name].shape[1:]) <= STACKED_ROWS_LIMIT))
     terms = [(factor(name), pf.explicit[name]) for name in explicit]
     owners = []
     for binding, cs in pf.calls.items():
@@ -275,12 +279,12 @@ def clip_pass(recorded: Recording, config: ClippingConfig, row_mask: torch.Tenso
     """Clip each example of one pass per group and sum. With `on_sums`, each layer's sums go to it
     as soon as they are formed (and are not kept in the result)."""
     with section("norms"):
-        pf = clip_factors(recorded, config, row_mask)
+        pf = clip_factors(recorded, config, row_mask)  # (without autocast, as the sums below)
     if pf is None:
         release(recorded)
         return ClippedPass({}, 0)
     sums: Sums = {}
-    with section("clipped sums"):
+    with section("clipped sums"), without_autocast():
         for part in clipped_sums(pf, config.grouping):
             if on_sums is None:
                 sums.update(part)

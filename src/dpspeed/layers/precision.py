@@ -92,6 +92,18 @@ def exact_float32_matmuls() -> Iterator[None]:
         restore()
 
 
+@contextlib.contextmanager
+def without_autocast() -> Iterator[None]:
+    """Autocast off on every device type where it is on: the clipping products take their operands'
+    dtypes, which their rounding bounds assume (a backward pass run inside the user's autocast
+    would otherwise round float32 layers' products to 16 bits, past those bounds)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 def product_roundoff(dtype: torch.dtype, device: torch.device, matmul: bool = True) -> float:
     """The unit roundoff of a product's operands as they are multiplied: bf16 2^-8, fp16 2^-11,
     float32 2^-24 (2^-11 in CUDA matmuls with TF32 on), float64 2^-53."""
