@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_map
 
 from ..capture.records import Binding, Call, Recording
 from ..layers import keep_gram_norms
-from ..layers.precision import (ROW_NORMS, ROW_SUMS, STACKED_ROWS_LIMIT, squared_row_norms_together, without_autocast, to_acc, weighted_sum,
-                                weighted_sums_together)
+from ..layers.precision import (ROW_NORMS, ROW_SUMS, STACKED_ROWS_LIMIT, squared_row_norms_together, to_acc,
+                                weighted_sum, weighted_sums_together, without_autocast)
 from ..profiling import section
 from .config import ClippingConfig
 from .groups import Grouping
@@ -255,9 +255,11 @@ def _small_sums_together(pf: PassFactors, factor: Callable[[str], torch.Tensor])
     `row_operands` in book-keeping layers, kept in each call's cache for its rule's `clipped_sum`,
     and of the small explicit gradients the sums reuse (at most STACKED_ROWS_LIMIT coordinates per
     example: the others are summed layer by layer, as they are handed on), returned by name."""
+    def small(name: str) -> bool:
+        return name in pf.explicit and math.prod(pf.explicit[name].shape[1:]) <= STACKED_ROWS_LIMIT
+
     explicit = list(dict.fromkeys(name for binding in pf.calls if pf.methods[binding] == EXPLICIT
-                                  for name in binding.params.values()
-                                  if name in pf.explicit and math.prod(pf.explicit[name].shape[1:]) <= STACKED_ROWS_LIMIT))
+                                  for name in binding.params.values() if small(name)))
     terms = [(factor(name), pf.explicit[name]) for name in explicit]
     owners = []
     for binding, cs in pf.calls.items():
