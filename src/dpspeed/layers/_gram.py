@@ -60,9 +60,9 @@ def ghost_sq_norms_and_spreads(layers: list[tuple[torch.Tensor, torch.Tensor, di
                                ) -> list[tuple[torch.Tensor, ...]]:
     """(||a_i^T g_i||_F^2, M_i) for each layer's a (B, T, d), g (B, T, p) (and `shared`, as in
     `_grams`), with `bounds` also the rounding bound of the layer's book-keeping sum,
-    `book_keeping_roundoff` · M_i (one product for all layers taken together). The squared norm is <a_i a_i^T, g_i g_i^T> from Gram matrices in float32 (16-bit
-    operands multiply exactly into float32 on the tensor cores), raised by gram_error · M^2 for
-    their rounding (precision.py); M = sum_t ||a_t||·||g_t|| comes from the Grams' diagonals, and
+    `book_keeping_roundoff` · M_i (one product for all layers taken together). The squared norm
+    is <a_i a_i^T, g_i g_i^T> from Gram matrices in float32 (16-bit operands multiply exactly
+    into float32 on the tensor cores), raised by gram_error · M^2 for their rounding (precision.py); M = sum_t ||a_t||·||g_t|| comes from the Grams' diagonals, and
     is what a book-keeping sum's rounding scales with (`spread`). Layers alike in batch,
     positions and dtype are taken together: with DPSPEED_FUSED_GHOST_NORM=1 on a GPU with Triton,
     in one launch of the fused kernel without any T x T matrix in memory (kernels/ghost_norm.py);

@@ -210,21 +210,29 @@ def squared_row_norms(x: torch.Tensor) -> torch.Tensor:
 STACKED_ROWS_LIMIT = 1 << 12
 
 
+def _small_and_alike(tensors: list[torch.Tensor], keys: list[tuple]) -> tuple[list[int], list[list[int]]]:
+    """The indices of the tensors taken alone (above STACKED_ROWS_LIMIT coordinates per example, or
+    the only one of their key), and the groups of small ones that share a key."""
+    alike: dict[tuple, list[int]] = {}
+    alone = []
+    for i, (x, key) in enumerate(zip(tensors, keys)):
+        if math.prod(x.shape[1:]) <= STACKED_ROWS_LIMIT:
+            alike.setdefault(key, []).append(i)
+        else:
+            alone.append(i)
+    alone += [members[0] for members in alike.values() if len(members) == 1]
+    return alone, [members for members in alike.values() if len(members) > 1]
+
+
 def squared_row_norms_together(rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """`squared_row_norms` of each x (B, ...), the small ones of one shape, dtype and device in one
     stacked product: each row's dot product is the one it has alone, in a few launches instead of
     one per tensor."""
+    alone, groups = _small_and_alike(rows, [(tuple(x.shape), x.dtype, x.device) for x in rows])
     out: list = [None] * len(rows)
-    alike: dict[tuple, list[int]] = {}
-    for i, x in enumerate(rows):
-        if math.prod(x.shape[1:]) <= STACKED_ROWS_LIMIT:
-            alike.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
-        else:
-            out[i] = squared_row_norms(x)
-    for members in alike.values():
-        if len(members) == 1:
-            out[members[0]] = squared_row_norms(rows[members[0]])
-            continue
+    for i in alone:
+        out[i] = squared_row_norms(rows[i])
+    for members in groups:
         stacked = torch.stack([rows[i] for i in members])  # (L, B, ...)
         norms = squared_row_norms(stacked.flatten(0, 1)).view(len(members), -1)
         for row, i in enumerate(members):
@@ -256,22 +264,16 @@ def weighted_sums_together(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> li
     """`weighted_sum(factors, per_sample)` of each term, the small per-example tensors (as
     `squared_row_norms_together`) of one factor tensor, dtype and device side by side in one
     matrix product: each coordinate's sum is the one it has alone."""
+    per_sample = [x for _, x in terms]
+    alone, groups = _small_and_alike(per_sample, [(id(c), x.shape[0], x.dtype, x.device) for c, x in terms])
     out: list = [None] * len(terms)
-    alike: dict[tuple, list[int]] = {}
-    for i, (factors, x) in enumerate(terms):
-        if math.prod(x.shape[1:]) <= STACKED_ROWS_LIMIT:
-            alike.setdefault((id(factors), x.shape[0], x.dtype, x.device), []).append(i)
-        else:
-            out[i] = weighted_sum(factors, x)
-    for members in alike.values():
-        factors = terms[members[0]][0]
-        if len(members) == 1:
-            out[members[0]] = weighted_sum(factors, terms[members[0]][1])
-            continue
-        flats = [terms[i][1].reshape(terms[i][1].shape[0], math.prod(terms[i][1].shape[1:])) for i in members]
-        sums = weighted_sum(factors, torch.cat(flats, 1)).split([f.shape[1] for f in flats])
+    for i in alone:
+        out[i] = weighted_sum(*terms[i])
+    for members in groups:
+        flats = [per_sample[i].reshape(per_sample[i].shape[0], math.prod(per_sample[i].shape[1:])) for i in members]
+        sums = weighted_sum(terms[members[0]][0], torch.cat(flats, 1)).split([f.shape[1] for f in flats])
         for i, total in zip(members, sums):
-            out[i] = total.view(terms[i][1].shape[1:])
+            out[i] = total.view(per_sample[i].shape[1:])
     return out
 
 
