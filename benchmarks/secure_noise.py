@@ -2,6 +2,9 @@
 counts of the bench's models: seconds to add noise to every coordinate once.
 
     python -m benchmarks.secure_noise --device cpu --out benchmarks/results/secure_noise_cpu.json
+
+`--cpu-streams 1` times the default noise drawn from one stream on a CPU (the library draws from
+`noise.CPU_STREAMS`, in threads side by side).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dpspeed.bench.study import environment
+from dpspeed import noise
 from dpspeed.noise import NoiseSource, SecureNoiseSource
 from dpspeed.profiling import sync
 
@@ -40,8 +44,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--largest", type=int, default=10_000_000, help="skip models with more coordinates")
+    parser.add_argument("--cpu-streams", type=int, default=noise.CPU_STREAMS, help="streams of the default noise on a CPU")
     parser.add_argument("--out", default="benchmarks/results/secure_noise_cpu.json")
     args = parser.parse_args()
+    noise.CPU_STREAMS = args.cpu_streams
     device = torch.device(args.device)
     default = NoiseSource.create(None, 0, 1, False, device)
     secure = SecureNoiseSource(lambda: secrets.token_bytes(32))
@@ -55,7 +61,8 @@ def main() -> None:
         row["secure_ns_per_coordinate"] = 1e9 * row["secure_seconds"] / coordinates
         rows.append(row)
         print(json.dumps(row))
-    Path(args.out).write_text(json.dumps({"environment": environment(device), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"environment": environment(device), "args": vars(args), "rows": rows},
+                                         indent=1))
 
 
 if __name__ == "__main__":
